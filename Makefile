@@ -1,0 +1,45 @@
+# The two commands: `make run` (the default federated simulation) and `make test`.
+# Both create .venv and install the project on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO := 0
+
+.PHONY: install run smoke test test-fast lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install  ## the default run: 5+ training sources, 1 held out, DAM + DSM + SAM, DRO
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m simulations.run $(ARGS)
+
+smoke: install
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m simulations.run experiment=smoke $(ARGS)
+
+test: install  ## every test, slow ones included (under 15 minutes on 2 cores)
+	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)
+
+test-fast: install
+	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The Flower ClientApp: one site trains and evaluates HDF on its own source."""

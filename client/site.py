@@ -1,0 +1,89 @@
+"""A site's long-lived state: its config, source, model and device, built once per process.
+
+Flower calls the ClientApp once per message; rebuilding the data set and the model each time
+would cost more than a small round's training, so a site is cached per (config, source).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from hdf.data import Source, build_sources, split_sources
+from hdf.device import resolve_device
+from hdf.models import HDFNet, build_model
+
+
+@dataclass
+class Site:
+    cfg: DictConfig
+    source: Source
+    heldout: bool
+    model: HDFNet
+    device: torch.device
+
+
+_SITES: dict[tuple[str, str], Site] = {}
+
+
+def config_key(cfg_yaml: str) -> str:
+    return hashlib.sha1(cfg_yaml.encode()).hexdigest()[:16]
+
+
+def resolve_source(cfg: DictConfig, node_config: dict[str, Any]) -> tuple[Source, bool]:
+    """The source this node serves, and whether it is held out.
+
+    A deployed site names its source in `--node-config "source=NAME"` (and may point the data
+    root elsewhere with `data-root=PATH`); in simulation the partition id indexes the training
+    sources in config order.
+    """
+    data_cfg = cfg.data
+    if "data-root" in node_config:
+        data_cfg = OmegaConf.merge(data_cfg, {"root": str(node_config["data-root"])})
+    sources = build_sources(data_cfg)
+    train, held = split_sources(sources, list(cfg.data.heldout or []), cfg.data.get("train"))
+    if "source" in node_config:
+        name = str(node_config["source"])
+        by_name = {s.name: s for s in sources}
+        if name not in by_name:
+            raise ValueError(
+                f"node-config source={name!r} is not a source of data={cfg.data.name}; "
+                f"known sources: {sorted(by_name)}"
+            )
+        source = by_name[name]
+        return source, source in held
+    if "partition-id" in node_config:
+        pid = int(node_config["partition-id"])
+        if not 0 <= pid < len(train):
+            raise ValueError(
+                f"partition-id {pid} out of range: the run has {len(train)} training sources "
+                f"({[s.name for s in train]}); start one SuperNode per training source"
+            )
+        return train[pid], False
+    raise ValueError(
+        "this SuperNode does not say which source it serves: start it with "
+        "--node-config \"source=<name> data-root=<path>\""
+    )
+
+
+def get_site(cfg_yaml: str, node_config: dict[str, Any]) -> Site:
+    """The cached site for this node and run config (built on first use)."""
+    key = (config_key(cfg_yaml), repr(sorted(node_config.items())))
+    if key not in _SITES:
+        cfg = OmegaConf.create(cfg_yaml)
+        assert isinstance(cfg, DictConfig)
+        threads = cfg.train.get("threads")
+        if threads is None and "partition-id" in node_config:
+            threads = int(cfg.simulation.num_cpus_per_client)
+        torch.set_num_threads(int(threads or os.cpu_count() or 1))
+        source, heldout = resolve_source(cfg, node_config)
+        device = resolve_device(cfg.device)
+        model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size).to(device)
+        _SITES.clear()  # one run at a time per process: free the previous run's model
+        _SITES[key] = Site(cfg, source, heldout, model, device)
+    return _SITES[key]

@@ -1,0 +1,1 @@
+"""HDF: the learning library (models, losses, data, loops, metrics). Never imports Flower."""

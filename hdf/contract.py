@@ -1,0 +1,32 @@
+"""Record keys of the client/server message contract (DESIGN.md section 3), defined once.
+
+`client/` and `server/` both import these names and nothing else from each other. Keys are
+kebab-case, as in Flower. MetricRecord values are numbers only: sources travel as indices.
+"""
+
+# Records inside a Message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# Server -> client config keys.
+SERVER_ROUND = "server-round"
+RUN_CONFIG = "run-config"  # the resolved Hydra config as YAML text
+LOCAL_EPOCHS = "local-epochs"
+LR = "lr"
+PROXIMAL_MU = "proximal-mu"
+SPLIT = "split"  # evaluate: which split of the source to score ("val" or "test")
+
+# Client -> server metric keys.
+NUM_EXAMPLES = "num-examples"
+SOURCE_INDEX = "source-index"
+LOSS_BEFORE = "loss-before"
+TRAIN_LOSS = "train-loss"
+TRAIN_UAR = "train-uar"
+TRAIN_WAR = "train-war"
+LOSS = "loss"
+UAR = "uar"
+WAR = "war"
+RECALL_PREFIX = "recall-"  # per-class recall: "recall-0" .. "recall-6"
+SKIPPED_CLIPS = "skipped-clips"
+HELDOUT = "heldout"  # query reply: 1 when the node serves a held-out (evaluate-only) source

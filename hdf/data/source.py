@@ -1,0 +1,134 @@
+"""Sources: named, indexed sets of labelled clips with train/val/test splits (DESIGN.md section 3).
+
+A clip is a uint8 tensor T x C x H x W, a label in 0..6 (`hdf.classes.EMOTIONS` order) and the
+index of its source. Datasets are registered by name; `build_sources` turns a data config into the
+ordered list of sources, whose splits load lazily so a client only ever reads its own source.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "val", "test")
+
+
+class ClipDataset(Dataset):
+    """Base of every split: items are (clip uint8 T x C x H x W, label, source index).
+
+    Subclasses set `labels` (int64 array, one per clip) so counts and histograms need no decoding,
+    and increment `skipped` for every unreadable clip they replace (reported at the end of a run).
+    """
+
+    labels: np.ndarray
+    source_index: int
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @abstractmethod
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]: ...
+
+
+class TensorClipDataset(ClipDataset):
+    """Clips held in memory as one uint8 tensor N x T x C x H x W (the synthetic benchmark)."""
+
+    def __init__(self, clips: torch.Tensor, labels: np.ndarray, source_index: int) -> None:
+        if clips.dtype != torch.uint8 or clips.ndim != 5:
+            raise ValueError(f"clips must be uint8 N x T x C x H x W, got {clips.dtype} {tuple(clips.shape)}")
+        if len(clips) != len(labels):
+            raise ValueError(f"{len(clips)} clips but {len(labels)} labels")
+        self.clips = clips
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.source_index = source_index
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return self.clips[i], int(self.labels[i]), self.source_index
+
+
+class SourceSet(ABC):
+    """One registered dataset kind: knows its source names and loads one split of one source."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def source_names(self) -> list[str]:
+        """Stable, ordered names of every source this dataset provides."""
+
+    @abstractmethod
+    def load_split(self, name: str, split: str, source_index: int) -> ClipDataset:
+        """The clips of `split` ("train", "val" or "test") of source `name`."""
+
+
+@dataclass
+class Source:
+    """A named source with a stable index in the run's ordered source list."""
+
+    name: str
+    index: int
+    dataset: SourceSet = field(repr=False)
+    _cache: dict[str, ClipDataset] = field(default_factory=dict, repr=False)
+
+    def split(self, split: str) -> ClipDataset:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if split not in self._cache:
+            ds = self.dataset.load_split(self.name, split, self.index)
+            if len(ds) == 0:
+                raise ValueError(
+                    f"source {self.name!r} has no clips in its {split!r} split; check the data "
+                    f"config (root, split files, source rule) or drop the source from the run"
+                )
+            self._cache[split] = ds
+        return self._cache[split]
+
+
+_DATASETS: dict[str, Callable[[Mapping[str, Any]], SourceSet]] = {}
+
+
+def register_dataset(name: str) -> Callable[[type[SourceSet]], type[SourceSet]]:
+    """Class decorator adding a `SourceSet` to the registry under `name` (the `data.name` key)."""
+
+    def wrap(cls: type[SourceSet]) -> type[SourceSet]:
+        if name in _DATASETS:
+            raise ValueError(f"dataset {name!r} registered twice")
+        _DATASETS[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_datasets() -> list[str]:
+    return sorted(_DATASETS)
+
+
+def build_sources(cfg: Mapping[str, Any]) -> list[Source]:
+    """Ordered sources of a data config; the list position is each source's stable index."""
+    name = cfg["name"]
+    if name not in _DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; registered: {', '.join(list_datasets())}")
+    dataset = _DATASETS[name](cfg)
+    return [Source(n, i, dataset) for i, n in enumerate(dataset.source_names())]
+
+
+def split_sources(
+    sources: list[Source], heldout: list[str] | None, train: list[str] | None = None
+) -> tuple[list[Source], list[Source]]:
+    """(training sources, held-out sources) named by a run's config; unknown names are errors."""
+    names = [s.name for s in sources]
+    for n in [*(heldout or []), *(train or [])]:
+        if n not in names:
+            raise ValueError(f"unknown source {n!r} in the run config; known sources: {names}")
+    held = [s for s in sources if s.name in (heldout or [])]
+    trainable = [s for s in sources if s not in held and (not train or s.name in train)]
+    if not trainable:
+        raise ValueError("no training source left after removing the held-out ones")
+    return trainable, held

@@ -1,0 +1,265 @@
+"""The federated run: node discovery, the round loop, evaluation, logging, checkpoint and resume.
+
+Flower's `Strategy.start` always begins at round 1 and keeps no state, so the loop is written here
+with the strategy's own hooks (configure/aggregate train and evaluate), which makes resuming from
+a checkpoint, round-0 evaluation and per-source logging possible (Flower has no built-in resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from hdf import contract as K
+from hdf.classes import NUM_CLASSES
+from hdf.data import build_sources, split_sources
+from hdf.device import seed_everything
+from hdf.models import build_model
+from server.heldout import HeldoutEvaluator
+from server.outputs import RunFolder, rng_state, set_rng_state
+from server.strategy import SourceFedAvg, build_strategy
+from server.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def discover_nodes(
+    grid: Grid, cfg_yaml: str, expected: int, wait_s: float, known: set[int] | None = None
+) -> dict[int, tuple[int, bool, int]]:
+    """Ask every unknown node which source it serves: node id -> (source, held out, clips).
+
+    Waits up to `wait_s` seconds for `expected` nodes to be online (a deployment's sites may still
+    be starting), then queries those not in `known`.
+    """
+    deadline = time.monotonic() + wait_s
+    while len(list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        time.sleep(1.0)
+    nodes = [n for n in grid.get_node_ids() if n not in (known or set())]
+    if not nodes:
+        return {}
+    content = RecordDict({K.CONFIG: ConfigRecord({K.RUN_CONFIG: cfg_yaml})})
+    msgs = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    found: dict[int, tuple[int, bool, int]] = {}
+    for reply in grid.send_and_receive(msgs, timeout=max(wait_s, 60.0)):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %s could not say which source it serves: %s", node, reply.error.reason)
+            continue
+        m = reply.content[K.METRICS]
+        found[node] = (int(m[K.SOURCE_INDEX]), bool(m[K.HELDOUT]), int(m[K.NUM_EXAMPLES]))
+    return found
+
+
+def _clean(x: Any) -> Any:
+    """JSON-ready copy: NaN becomes null, numpy scalars become Python numbers."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _clean(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+class Federation:
+    """Everything one federated run holds between rounds."""
+
+    def __init__(self, grid: Grid, cfg: DictConfig, run: RunFolder, console: Console | None = None):
+        self.grid, self.cfg, self.run = grid, cfg, run
+        self.console = console or Console(stderr=False, highlight=False)
+        self.cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        seed_everything(int(cfg.seed))
+        sources = build_sources(cfg.data)
+        self.train_sources, self.heldout_sources = split_sources(
+            sources, list(cfg.data.heldout or []), cfg.data.get("train")
+        )
+        self.names = {s.index: s.name for s in sources}
+        model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+        self.arrays = ArrayRecord(model.state_dict())
+        server_eval = str(cfg.server.heldout_eval) == "server"
+        self.heldout_eval = HeldoutEvaluator(cfg, self.heldout_sources) if server_eval else None
+        expected = len(self.train_sources) + (0 if server_eval else len(self.heldout_sources))
+        nodes = discover_nodes(grid, self.cfg_yaml, expected, float(cfg.server.wait_for_nodes_s))
+        sizes = {src: n for src, held, n in nodes.values() if not held}
+        self.strategy: SourceFedAvg = build_strategy(
+            cfg.strategy,
+            train_sources=[s.index for s in self.train_sources],
+            source_names=self.names,
+            seed=int(cfg.seed),
+            source_sizes=sizes,
+        )
+        self._register(nodes)
+        missing = {s.name for s in self.train_sources} - {
+            self.names[src] for src, held, _ in nodes.values() if not held
+        }
+        if missing:
+            self.console.print(f"[yellow]no node serves training source(s) {sorted(missing)} yet[/]")
+        self.train_config = ConfigRecord(
+            {
+                K.RUN_CONFIG: self.cfg_yaml,
+                K.LOCAL_EPOCHS: int(cfg.train.local_epochs),
+                K.LR: float(cfg.train.lr),
+            }
+        )
+        self.eval_config = ConfigRecord({K.RUN_CONFIG: self.cfg_yaml, K.SPLIT: "val"})
+        self.tracker = Tracker(cfg, run)
+        self.start_round = 1
+
+    def _register(self, nodes: dict[int, tuple[int, bool, int]]) -> None:
+        for node, (src, held, _) in nodes.items():
+            self.strategy.register_node(node, src, held)
+
+    # ---- resume ------------------------------------------------------------------------------
+    def restore(self) -> bool:
+        """Continue from the run folder's checkpoint, if there is one."""
+        ckpt = self.run.load_checkpoint()
+        if ckpt is None:
+            return False
+        self.arrays = ArrayRecord(ckpt["model"])
+        self.strategy.load_state_dict(ckpt["strategy"])
+        set_rng_state(ckpt["rng"])
+        self.start_round = int(ckpt["round"]) + 1
+        self.run.truncate_metrics(int(ckpt["round"]))
+        self.console.print(f"resuming {self.run.path} after round {ckpt['round']}")
+        return True
+
+    def checkpoint(self, server_round: int) -> None:
+        self.run.save_checkpoint(
+            {
+                "round": server_round,
+                "model": self.arrays.to_torch_state_dict(),
+                "strategy": self.strategy.state_dict(),
+                "rng": rng_state(),
+                "config": self.cfg_yaml,
+            }
+        )
+
+    # ---- one round ---------------------------------------------------------------------------
+    def evaluate(self, server_round: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(per training source val metrics, per held-out source test metrics)."""
+        msgs = self.strategy.configure_evaluate(
+            server_round, self.arrays, self.eval_config, self.grid
+        )
+        replies = self.grid.send_and_receive(msgs, timeout=float(self.cfg.server.round_timeout_s))
+        self.strategy.aggregate_evaluate(server_round, replies)
+        train, held = {}, {}
+        for src, m in self.strategy.eval_by_source.items():
+            row = {"loss": m[K.LOSS], "uar": m[K.UAR], "war": m[K.WAR]}
+            recall = [m[f"{K.RECALL_PREFIX}{c}"] for c in range(NUM_CLASSES)]
+            row["recall"] = [None if r < 0 else r for r in recall]
+            (train if src in self.strategy.train_sources else held)[self.names[src]] = row
+        if self.heldout_eval is not None:
+            for name, stats in self.heldout_eval(self.arrays).items():
+                held[name] = {
+                    "loss": stats["loss"],
+                    "uar": stats["uar"],
+                    "war": stats["war"],
+                    "recall": stats["recall"],
+                    "confusion": stats["confusion"].tolist(),
+                }
+        return train, held
+
+    def round(self, server_round: int) -> dict[str, Any]:
+        t0 = time.monotonic()
+        known = set(self.strategy.node_source)
+        self._register(
+            discover_nodes(self.grid, self.cfg_yaml, 0, 0.0, known=known)
+        )  # sites that (re)joined since the last round
+        msgs = self.strategy.configure_train(server_round, self.arrays, self.train_config, self.grid)
+        replies = list(
+            self.grid.send_and_receive(msgs, timeout=float(self.cfg.server.round_timeout_s))
+        )
+        new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
+        kept = new_arrays is None
+        if not kept:
+            self.arrays = new_arrays
+        train, held = self.evaluate(server_round)
+        lam = self.strategy.weights_by_source()
+        reports = {
+            self.names[src]: {
+                "loss_before": r[K.LOSS_BEFORE],
+                "train_loss": r[K.TRAIN_LOSS],
+                "train_uar": r[K.TRAIN_UAR],
+            }
+            for src, r in self.strategy.train_by_source.items()
+        }
+        return {
+            "round": server_round,
+            "lambda": {self.names[s]: w for s, w in lam.items()},
+            "train": train,
+            "heldout": held,
+            "clients": reports,
+            "sent": len(list(msgs)),
+            "replied": len(replies),
+            "rejected": [r for r in self.strategy.rejected if r.get("round") == server_round],
+            "kept_previous_model": kept,
+            "seconds": time.monotonic() - t0,
+        }
+
+    def initial_row(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        train, held = self.evaluate(0)
+        lam = self.strategy.weights_by_source()
+        return {
+            "round": 0,
+            "lambda": {self.names[s]: w for s, w in lam.items()},
+            "train": train,
+            "heldout": held,
+            "seconds": time.monotonic() - t0,
+        }
+
+    def show(self, row: dict[str, Any]) -> None:
+        """One progress line per round: clients, losses, lambda, worst source, held out."""
+        train, held = row["train"], row["heldout"]
+        parts = [f"round {row['round']:>3}/{self.cfg.rounds}"]
+        if "replied" in row:
+            parts.append(f"updates {row['replied'] - len(row['rejected'])}/{row['sent']}")
+            if row["clients"]:
+                lb = [c["loss_before"] for c in row["clients"].values()]
+                parts.append(f"loss-before mean {np.mean(lb):.3f} max {np.max(lb):.3f}")
+        if row["lambda"]:
+            top = max(row["lambda"], key=row["lambda"].get)
+            parts.append(f"λmax {row['lambda'][top]:.2f} ({top})")
+        if train:
+            worst = min(train, key=lambda n: train[n]["uar"])
+            mean = np.mean([v["uar"] for v in train.values()])
+            parts.append(f"val UAR mean {mean:.3f} worst {train[worst]['uar']:.3f} ({worst})")
+        for name, v in held.items():
+            parts.append(f"held-out {name} UAR {v['uar']:.3f}")
+        parts.append(f"{row['seconds']:.1f}s")
+        self.console.print(" | ".join(parts))
+
+    # ---- the whole run -----------------------------------------------------------------------
+    def run_all(self) -> list[dict[str, Any]]:
+        if not self.restore():
+            row = _clean(self.initial_row())
+            self.run.append_metrics(row)
+            self.tracker.log(row)
+            self.show(row)
+            self.checkpoint(0)
+        for r in range(self.start_round, int(self.cfg.rounds) + 1):
+            row = _clean(self.round(r))
+            self.run.append_metrics(row)
+            self.tracker.log(row)
+            self.show(row)
+            self.checkpoint(r)
+        self.tracker.finish()
+        self.run.mark_done()
+        return self.run.read_metrics()
+
+
+def run_federation(grid: Grid, cfg: DictConfig, run: RunFolder) -> list[dict[str, Any]]:
+    """Run (or resume) the federation described by `cfg`, writing into `run`."""
+    return Federation(grid, cfg, run).run_all()

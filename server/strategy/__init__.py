@@ -1,0 +1,92 @@
+"""Source-aware strategies, built by name from the `strategy` config group."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from server.strategy.base import SourceFedAvg
+from server.strategy.dro import DRO
+from server.strategy.dro_math import DRO_MODES, DROSettings
+
+StrategyBuilder = Callable[..., SourceFedAvg]
+_STRATEGIES: dict[str, StrategyBuilder] = {}
+
+
+def register_strategy(name: str) -> Callable[[StrategyBuilder], StrategyBuilder]:
+    """Add a builder `(cfg, **common) -> SourceFedAvg` under `strategy.name`."""
+
+    def wrap(fn: StrategyBuilder) -> StrategyBuilder:
+        if name in _STRATEGIES:
+            raise ValueError(f"strategy {name!r} registered twice")
+        _STRATEGIES[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_strategies() -> list[str]:
+    return sorted(_STRATEGIES)
+
+
+def build_strategy(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
+    """The strategy named by `cfg.name`; `common` holds the run's sources, sizes and seed."""
+    name = cfg["name"]
+    if name not in _STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(list_strategies())}")
+    return _STRATEGIES[name](cfg, **common)
+
+
+def _fedavg_kwargs(cfg: Mapping[str, Any], common: dict[str, Any]) -> dict[str, Any]:
+    common = dict(common)
+    common.pop("source_sizes", None)
+    return {
+        "fraction_train": float(cfg.get("fraction_train", 1.0)),
+        "min_train_replies": int(cfg.get("min_train_replies", 1)),
+        "proximal_mu": float(cfg.get("proximal_mu", 0.0)),
+        **common,
+    }
+
+
+@register_strategy("fedavg")
+def _fedavg(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
+    return SourceFedAvg(**_fedavg_kwargs(cfg, common))
+
+
+@register_strategy("fedprox")
+def _fedprox(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
+    if float(cfg.get("proximal_mu", 0.0)) <= 0:
+        raise ValueError("strategy=fedprox needs strategy.proximal_mu > 0")
+    return SourceFedAvg(**_fedavg_kwargs(cfg, common))
+
+
+@register_strategy("dro")
+def _dro(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
+    d = cfg["dro"]
+    settings = DROSettings(
+        eta=float(d["eta"]),
+        eps=float(d["eps"]),
+        cap=float(d["cap"]),
+        loss_clip=float(d["loss_clip"]),
+        tau=float(d.get("tau", 1.0)),
+        alpha=float(d.get("alpha", 0.5)),
+    )
+    return DRO(
+        mode=str(d["mode"]),
+        settings=settings,
+        prior=str(d.get("prior", "uniform")),
+        source_sizes=common.get("source_sizes"),
+        server_lr=float(d.get("server_lr", 1.0)),
+        **_fedavg_kwargs(cfg, common),
+    )
+
+
+__all__ = [
+    "DRO",
+    "DRO_MODES",
+    "DROSettings",
+    "SourceFedAvg",
+    "build_strategy",
+    "list_strategies",
+    "register_strategy",
+]

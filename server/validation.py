@@ -1,0 +1,109 @@
+"""Reject client updates that would corrupt the global model (DESIGN.md section 6).
+
+A reply is rejected, with the node and the reason, when it carries an error, misses a record or a
+metric key, names a source that does not train, has missing, extra or misshapen arrays, a wrong
+dtype, a non-finite value, or an update norm far beyond the others'. The round goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from hdf import contract as K
+
+REQUIRED_TRAIN_METRICS = (K.NUM_EXAMPLES, K.SOURCE_INDEX, K.LOSS_BEFORE, K.TRAIN_LOSS)
+NORM_OUTLIER_FACTOR = 10.0  # an update norm above this multiple of the median is rejected
+
+
+def _reason(msg: Message, reference: ArrayRecord | None, train_sources: set[int],
+            node_source: dict[int, int]) -> str | None:
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    content = msg.content
+    if K.ARRAYS not in content.array_records:
+        return f"no ArrayRecord {K.ARRAYS!r} in the reply"
+    if K.METRICS not in content.metric_records:
+        return f"no MetricRecord {K.METRICS!r} in the reply"
+    metrics = content[K.METRICS]
+    missing = [k for k in REQUIRED_TRAIN_METRICS if k not in metrics]
+    if missing:
+        return f"metrics miss {missing}"
+    for k in REQUIRED_TRAIN_METRICS:
+        v = metrics[k]
+        if not isinstance(v, int | float) or not math.isfinite(float(v)):
+            return f"metric {k!r} is not a finite number: {v!r}"
+    if float(metrics[K.NUM_EXAMPLES]) <= 0:
+        return f"num-examples is {metrics[K.NUM_EXAMPLES]}"
+    src = int(metrics[K.SOURCE_INDEX])
+    if src not in train_sources:
+        return f"unknown or non-training source index {src}"
+    node = msg.metadata.src_node_id
+    if node in node_source and node_source[node] != src:
+        return f"reports source {src} but registered as source {node_source[node]}"
+    arrays = content[K.ARRAYS]
+    if reference is not None:
+        if set(arrays.keys()) != set(reference.keys()):
+            extra = sorted(set(arrays.keys()) - set(reference.keys()))[:3]
+            lost = sorted(set(reference.keys()) - set(arrays.keys()))[:3]
+            return f"array keys differ from the global model's (missing {lost}, extra {extra})"
+        for key, ref in reference.items():
+            a = arrays[key]
+            if tuple(a.shape) != tuple(ref.shape):
+                return f"array {key!r} has shape {tuple(a.shape)}, expected {tuple(ref.shape)}"
+            if a.dtype != ref.dtype:
+                return f"array {key!r} has dtype {a.dtype}, expected {ref.dtype}"
+    for key, a in arrays.items():
+        v = a.numpy()
+        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+            return f"array {key!r} holds NaN or Inf"
+    return None
+
+
+def update_norm(arrays: ArrayRecord, reference: ArrayRecord | None) -> float:
+    """L2 norm of (update - global) over floating arrays (of the update itself without one)."""
+    total = 0.0
+    for key, a in arrays.items():
+        v = a.numpy()
+        if not np.issubdtype(v.dtype, np.floating):
+            continue
+        d = v.astype(np.float64) - (reference[key].numpy() if reference is not None else 0.0)
+        total += float(np.vdot(d, d))
+    return math.sqrt(total)
+
+
+def validate_train_replies(
+    replies: list[Message],
+    reference: ArrayRecord | None,
+    train_sources: set[int],
+    node_source: dict[int, int],
+) -> tuple[list[Message], list[dict[str, Any]]]:
+    """(valid replies, rejections as {"node", "reason"}) for one round of training replies."""
+    valid: list[Message] = []
+    rejected: list[dict[str, Any]] = []
+    for msg in replies:
+        reason = _reason(msg, reference, train_sources, node_source)
+        if reason is None:
+            valid.append(msg)
+        else:
+            rejected.append({"node": msg.metadata.src_node_id, "reason": reason})
+    if len(valid) >= 3:
+        norms = [update_norm(m.content[K.ARRAYS], reference) for m in valid]
+        median = float(np.median(norms))
+        keep = []
+        for m, n in zip(valid, norms, strict=True):
+            if median > 0 and n > NORM_OUTLIER_FACTOR * median:
+                rejected.append(
+                    {
+                        "node": m.metadata.src_node_id,
+                        "reason": f"update norm {n:.3g} is over {NORM_OUTLIER_FACTOR:g}x "
+                        f"the median {median:.3g}",
+                    }
+                )
+            else:
+                keep.append(m)
+        valid = keep
+    return valid, rejected

@@ -1,0 +1,1 @@
+"""Entry points (Hydra) and the config tree: runs, sweeps, baselines, reports."""

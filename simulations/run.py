@@ -1,0 +1,76 @@
+"""One federated simulation on this machine: one virtual SuperNode per training source.
+
+    python -m simulations.run                       # the default run (make run)
+    python -m simulations.run experiment=smoke      # a 2-minute check
+    python -m simulations.run strategy=fedavg rounds=20 data.heldout=[studio]
+    python -m simulations.run resume=runs/<folder>  # continue a run from its checkpoint
+
+The last line printed is the run folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+for _k, _v in {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "WANDB_SILENT": "true",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+from omegaconf import DictConfig  # noqa: E402
+
+from hdf.data import build_sources, split_sources  # noqa: E402
+from server.app import make_server_app, open_run, resolve_resume  # noqa: E402
+from server.outputs import RunFolder  # noqa: E402
+from simulations.config import compose  # noqa: E402
+
+
+def simulate(cfg: DictConfig, run: RunFolder) -> None:
+    """Run the federation of `cfg` in-process with Flower's simulation engine."""
+    import warnings
+
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+
+    if str(cfg.server.heldout_eval) != "server":
+        raise ValueError(
+            "in simulation held-out sources are scored by the server: keep server.heldout_eval=server"
+        )
+    train, _ = split_sources(build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train"))
+    backend_config = {
+        "client_resources": {
+            "num_cpus": float(cfg.simulation.num_cpus_per_client),
+            "num_gpus": float(cfg.simulation.num_gpus_per_client),
+        },
+        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR", "log_to_driver": True},
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
+        run_simulation(
+            server_app=make_server_app(cfg, run),
+            client_app=client_app,
+            num_supernodes=len(train),
+            backend_config=backend_config,
+        )
+    if not run.done:
+        raise RuntimeError(f"the federation did not finish; see the log above and {run.path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = resolve_resume(compose(sys.argv[1:] if argv is None else argv))
+    run = open_run(cfg)
+    print(f"run folder: {run.path}", flush=True)
+    simulate(cfg, run)
+    print(run.path, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
