@@ -1,0 +1,278 @@
+"""HDFNet: a registered video backbone, a DAM after each stage, pooled features, a linear head."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hdf.models.registry import get_backbone_builder
+
+# model-config keys build_model reads itself; every other key goes to the backbone builder.
+_GENERIC_KEYS = {"backbone", "width", "norm", "dam", "weights", "dropout", "channels_last", "name"}
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """`key` of a mapping-like config (dict, DictConfig) or attribute object, else `default`."""
+    if cfg is None:
+        return default
+    value = cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
+    return default if value is None and default is not None else value
+
+
+def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The backbone's stages in order, named ``layer1``.. (or ``stage1``.. for a ModuleList)."""
+    stages = getattr(backbone, "stages", None)
+    if isinstance(stages, nn.ModuleList):
+        return [(f"stage{i}", m) for i, m in enumerate(stages, start=1)]
+    found = []
+    i = 1
+    while isinstance(getattr(backbone, f"layer{i}", None), nn.Module):
+        found.append((f"layer{i}", getattr(backbone, f"layer{i}")))
+        i += 1
+    if not found or not isinstance(getattr(backbone, "stem", None), nn.Module):
+        raise TypeError(
+            f"{type(backbone).__name__} is not an HDF backbone: it needs a `stem` module and "
+            "stages `layer1`..`layerN` (or an nn.ModuleList `stages`)"
+        )
+    return found
+
+
+def _channels_last_3d(module: nn.Module) -> None:
+    """Store every 5-D parameter and buffer channels-last (4-D ones, e.g. DAM's 2D conv, stay)."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.dim() == 5:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last_3d)
+
+
+class HDFNet(nn.Module):
+    """Backbone stem, stages each followed by a DAM (paper Sec. 2, Fig. (a)), average pool, FC head.
+
+    Args:
+        backbone: a registered backbone (``stem``, stages, ``stage_channels``, ``mean``, ``std``).
+        num_frames: clip length T the model is built for (DAM's temporal maps depend on it).
+        size: height and width inputs are resized to.
+        num_classes: number of expression classes.
+        dam_stages: per stage, True to insert a DAM after it.
+        dam_temporal: DAM's temporal branch on.
+        dam_frequency: DAM's frequency branch on.
+        dropout: dropout before the head.
+        channels_last: keep 5-D weights and inputs in channels-last-3D memory format.
+        backbone_name: registry name, used in error messages.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_frames: int,
+        size: int,
+        num_classes: int = 7,
+        *,
+        dam_stages: Sequence[bool] | None = None,
+        dam_temporal: bool = True,
+        dam_frequency: bool = True,
+        dropout: float = 0.0,
+        channels_last: bool = False,
+        backbone_name: str = "",
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.backbone_name = backbone_name or type(backbone).__name__
+        self.num_frames = int(num_frames)
+        self.size = int(size)
+        self.num_classes = int(num_classes)
+        self.channels_last = bool(channels_last)
+        self.stage_names = [name for name, _ in backbone_stages(backbone)]
+        self.stage_channels = [int(c) for c in backbone.stage_channels]
+        if len(self.stage_channels) != len(self.stage_names):
+            raise ValueError(
+                f"backbone {self.backbone_name!r} reports {len(self.stage_channels)} "
+                f"stage_channels for {len(self.stage_names)} stages"
+            )
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 1, -1, 1, 1), False)
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, 1, -1, 1, 1), False)
+
+        # The temporal length (and width) each stage outputs, measured once: DAM is built per T.
+        shapes = self._probe_shapes()
+        stage_shapes = shapes[:-1]
+        self.stage_frames = [t for _, t in stage_shapes]
+        for name, want, (got, _) in zip(
+            self.stage_names, self.stage_channels, stage_shapes, strict=True
+        ):
+            if want != got:
+                raise ValueError(
+                    f"backbone {self.backbone_name!r}: stage {name} outputs {got} channels but "
+                    f"stage_channels says {want}"
+                )
+        self.feature_dim = shapes[-1][0]
+
+        if dam_stages is None:
+            dam_stages = [True] * len(self.stage_names)
+        dam_stages = [bool(s) for s in dam_stages]
+        if len(dam_stages) != len(self.stage_names):
+            raise ValueError(
+                f"model.dam.stages has {len(dam_stages)} entries but backbone "
+                f"{self.backbone_name!r} has {len(self.stage_names)} stages "
+                f"({', '.join(self.stage_names)}); give one true/false per stage or null for all"
+            )
+        self.dam = nn.ModuleDict()
+        if any(dam_stages):
+            from hdf.models.dam import DAM  # imported only when used
+
+            for name, on, ch, t in zip(
+                self.stage_names, dam_stages, self.stage_channels, self.stage_frames, strict=True
+            ):
+                if on:
+                    self.dam[name] = DAM(ch, t, temporal=dam_temporal, frequency=dam_frequency)
+
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.dropout = nn.Dropout(float(dropout))
+        self.head = nn.Linear(self.feature_dim, self.num_classes)
+        if self.channels_last:
+            _channels_last_3d(self)
+
+    @torch.no_grad()
+    def _probe_shapes(self) -> list[tuple[int, int]]:
+        """(channels, frames) after each stage and after the neck, from one dummy forward."""
+        was_training = self.backbone.training
+        self.backbone.eval()  # keep BatchNorm running statistics untouched
+        x = torch.zeros(1, 3, self.num_frames, self.size, self.size)
+        x = x.to(next(self.backbone.parameters()).device)
+        shapes = []
+        x = self.backbone.stem(x)
+        for _, stage in backbone_stages(self.backbone):
+            x = stage(x)
+            shapes.append((int(x.shape[1]), int(x.shape[2])))
+        neck = getattr(self.backbone, "neck", None)
+        if neck is not None:
+            x = neck(x)
+        shapes.append((int(x.shape[1]), int(x.shape[2])))
+        self.backbone.train(was_training)
+        return shapes
+
+    def preprocess(self, clips: torch.Tensor) -> torch.Tensor:
+        """uint8 clips B x T x C x H x W to normalised float B x C x T x size x size (own stats)."""
+        if clips.dtype != torch.uint8:
+            raise TypeError(f"preprocess expects uint8 clips B x T x C x H x W, got {clips.dtype}")
+        if clips.dim() == 4:
+            clips = clips.unsqueeze(0)
+        if clips.dim() != 5 or clips.shape[2] not in (1, 3):
+            raise ValueError(
+                "preprocess expects clips B x T x C x H x W with C = 3 (or 1), "
+                f"got {tuple(clips.shape)}"
+            )
+        b, t, c, h, w = clips.shape
+        x = clips.to(self.mean.device).float().div_(255.0)
+        if c == 1:
+            x = x.expand(b, t, 3, h, w)
+        if (h, w) != (self.size, self.size):
+            x = F.interpolate(
+                x.reshape(b * t, 3, h, w),
+                size=(self.size, self.size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=min(h, w) > self.size,
+            ).view(b, t, 3, self.size, self.size)
+        x = ((x - self.mean) / self.std).permute(0, 2, 1, 3, 4)
+        fmt = torch.channels_last_3d if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+    def _trunk(self, x: torch.Tensor, keep: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Stem, then each stage and its DAM; appends every stage's output to `keep` if given."""
+        if x.dim() != 5 or x.shape[1] != 3:
+            raise ValueError(f"HDFNet expects B x 3 x T x H x W, got {tuple(x.shape)}")
+        if len(self.dam) and x.shape[2] != self.num_frames:
+            raise ValueError(
+                f"this HDFNet was built for T={self.num_frames} frames (DAM is sized per T), got "
+                f"T={x.shape[2]}; sample clips with data.num_frames={self.num_frames} or rebuild"
+            )
+        x = self.backbone.stem(x)
+        for name, stage in backbone_stages(self.backbone):
+            x = stage(x)
+            if name in self.dam:
+                x = self.dam[name](x)
+            if keep is not None:
+                keep.append(x)
+        neck = getattr(self.backbone, "neck", None)
+        return neck(x) if neck is not None else x
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits B x num_classes, pooled features B x feature_dim) for a preprocessed batch."""
+        features = self.pool(self._trunk(x)).flatten(1)
+        return self.head(self.dropout(features)), features
+
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each stage's output after its DAM (if any), for inspection and tests."""
+        keep: list[torch.Tensor] = []
+        self._trunk(x, keep)
+        return keep
+
+    def norm_state_keys(self) -> list[str]:
+        """state_dict keys of normalisation layers (FedBN keeps these local)."""
+        keys = []
+        for mod_name, mod in self.named_modules():
+            if isinstance(mod, _NORM_TYPES):
+                prefix = f"{mod_name}." if mod_name else ""
+                keys += [prefix + k for k in mod.state_dict(keep_vars=True)]
+        return keys
+
+
+def build_model(model_cfg: Any, num_frames: int, size: int, num_classes: int = 7) -> HDFNet:
+    """An HDFNet from the ``model`` config group (backbone, width, norm, dam, weights, ...).
+
+    Args:
+        model_cfg: mapping with ``backbone`` (registry name), ``width``, ``norm`` (batch | group),
+            ``dam`` ({enabled, temporal, frequency, stages}), ``weights`` (null or a local file),
+            ``dropout``, ``channels_last``; any other key is passed to the backbone builder.
+        num_frames: clip length T.
+        size: input height and width.
+        num_classes: number of classes of the head.
+
+    Reference: HDF (Cui et al., ACM MM 2025), Sec. 2 of ``research/paper.md``: DAM after each stage.
+    """
+    name = cfg_get(model_cfg, "backbone")
+    if not name:
+        raise ValueError("model.backbone is not set; pick one, e.g. model=tiny3d")
+    builder = get_backbone_builder(str(name))
+    extra = {}
+    if isinstance(model_cfg, Mapping):
+        extra = {str(k): v for k, v in model_cfg.items() if k not in _GENERIC_KEYS}
+    backbone = builder(
+        int(cfg_get(model_cfg, "width", 16)),
+        int(num_frames),
+        int(size),
+        norm=str(cfg_get(model_cfg, "norm", "batch")),
+        **extra,
+    )
+    dam_cfg = cfg_get(model_cfg, "dam", {})
+    enabled = bool(cfg_get(dam_cfg, "enabled", True))
+    stages = cfg_get(dam_cfg, "stages")
+    n_stages = len(backbone_stages(backbone))
+    if not enabled:
+        dam_stages: list[bool] | None = [False] * n_stages
+    elif stages is None:
+        dam_stages = None
+    else:
+        dam_stages = [bool(s) for s in stages]
+    model = HDFNet(
+        backbone,
+        num_frames,
+        size,
+        num_classes,
+        dam_stages=dam_stages,
+        dam_temporal=bool(cfg_get(dam_cfg, "temporal", True)),
+        dam_frequency=bool(cfg_get(dam_cfg, "frequency", True)),
+        dropout=float(cfg_get(model_cfg, "dropout", 0.0)),
+        channels_last=bool(cfg_get(model_cfg, "channels_last", False)),
+        backbone_name=str(name),
+    )
+    weights = cfg_get(model_cfg, "weights")
+    if weights:
+        from hdf.models.weights import load_weights
+
+        load_weights(model, weights)
+    return model
