@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import math
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from hdf.train import loss_on_sample, train_local
 
 from client.site import Site, get_site
 from hdf import contract as K
 from hdf.classes import NUM_CLASSES
 from hdf.evaluate import evaluate as evaluate_model
-from hdf.train import loss_on_sample, train_local
 
 app = ClientApp()
 
@@ -23,6 +24,30 @@ app = ClientApp()
 def _site(msg: Message, context: Context) -> tuple[Site, ConfigRecord]:
     config = msg.content[K.CONFIG]
     return get_site(str(config[K.RUN_CONFIG]), dict(context.node_config)), config
+
+
+def norm_state_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of every normalization layer (parameters and running statistics)."""
+    norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    keys: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, norm_types):
+            keys += [f"{name}.{k}" if name else k for k in module.state_dict()]
+    return keys
+
+
+def restore_local_norm(model: torch.nn.Module, context: Context) -> None:
+    """FedBN: put this site's own normalization layers over the received ones (if it has any)."""
+    if K.FEDBN_STATE in context.state.array_records:
+        own = context.state[K.FEDBN_STATE].to_torch_state_dict()
+        model.load_state_dict(own, strict=False)
+
+
+def save_local_norm(model: torch.nn.Module, context: Context) -> None:
+    """FedBN: keep this site's normalization layers in `context.state` for the next round."""
+    keys = set(norm_state_keys(model))
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keys}
+    context.state[K.FEDBN_STATE] = ArrayRecord(state)
 
 
 def round_seed(seed: int, server_round: int, source_index: int) -> int:
@@ -41,6 +66,9 @@ def train(msg: Message, context: Context) -> Message:
         )
     cfg = site.cfg
     site.model.load_state_dict(msg.content[K.ARRAYS].to_torch_state_dict())
+    fedbn = int(config.get(K.FEDBN, 0)) == 1
+    if fedbn:
+        restore_local_norm(site.model, context)
     data = site.source.split("train")
     loss_before = loss_on_sample(
         site.model,
@@ -60,6 +88,8 @@ def train(msg: Message, context: Context) -> Message:
         seed=round_seed(int(cfg.seed), int(config[K.SERVER_ROUND]), site.source.index),
         proximal_mu=float(config.get(K.PROXIMAL_MU, 0.0)),
     )
+    if fedbn:
+        save_local_norm(site.model, context)
     metrics = MetricRecord(
         {
             K.NUM_EXAMPLES: len(data),
@@ -80,10 +110,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the received model on this site's validation split (held-out sites: test)."""
     site, config = _site(msg, context)
     site.model.load_state_dict(msg.content[K.ARRAYS].to_torch_state_dict())
+    if int(config.get(K.FEDBN, 0)) == 1 and not site.heldout:
+        restore_local_norm(site.model, context)
     split = "test" if site.heldout else str(config.get(K.SPLIT, "val"))
     data = site.source.split(split)
     stats = evaluate_model(
-        site.model, data, site.device, batch_size=int(site.cfg.eval.batch_size)
+        site.model,
+        data,
+        site.device,
+        batch_size=int(site.cfg.eval.batch_size),
+        precision=str(site.cfg.precision),
     )
     metrics: dict[str, int | float] = {
         K.NUM_EXAMPLES: int(stats["num_examples"]),
@@ -109,6 +145,7 @@ def query(msg: Message, context: Context) -> Message:
             K.SOURCE_INDEX: site.source.index,
             K.NUM_EXAMPLES: len(site.source.split(split)),
             K.HELDOUT: int(site.heldout),
+            K.NUM_PARTITIONS: int(context.node_config.get("num-partitions", 0)),
         }
     )
     return Message(content=RecordDict({K.METRICS: metrics}), reply_to=msg)

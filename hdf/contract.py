@@ -30,3 +30,9 @@ WAR = "war"
 RECALL_PREFIX = "recall-"  # per-class recall: "recall-0" .. "recall-6"
 SKIPPED_CLIPS = "skipped-clips"
 HELDOUT = "heldout"  # query reply: 1 when the node serves a held-out (evaluate-only) source
+NUM_PARTITIONS = "num-partitions"  # query reply: simulated federation size (0 when deployed)
+
+# Strategy extras (server -> client config; client -> server optional metrics).
+FEDBN = "fedbn"  # config, 1: keep normalization layers local (FedBN); see client/app.py
+FEDBN_STATE = "fedbn-norm"  # context.state ArrayRecord: this site's own normalization layers
+LOCAL_VAL_LOSS = "local-val-loss"  # optional: the trained local model's validation loss (FedDG-GA)

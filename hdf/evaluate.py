@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from hdf.device import autocast_context
 from hdf.metrics import confusion_matrix, per_class_recall, uar, war
 
 
@@ -20,6 +21,7 @@ def predict(
     *,
     batch_size: int = 64,
     num_workers: int = 0,
+    precision: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(labels, predicted probabilities N x 7, mean cross-entropy) of `model` on `dataset`."""
     was_training = model.training
@@ -34,7 +36,8 @@ def predict(
     labels, probs, loss_sum = [], [], 0.0
     for clips, y, _ in loader:
         clips, y = clips.to(device, non_blocking=True), y.to(device)
-        logits, _ = model(model.preprocess(clips))
+        with autocast_context(device, precision):
+            logits, _ = model(model.preprocess(clips))
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         labels.append(y.cpu())
@@ -53,9 +56,12 @@ def evaluate(
     *,
     batch_size: int = 64,
     num_workers: int = 0,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Loss, UAR, WAR, per-class recall (NaN where a class is absent), confusion, count."""
-    y, p, loss = predict(model, dataset, device, batch_size=batch_size, num_workers=num_workers)
+    y, p, loss = predict(
+        model, dataset, device, batch_size=batch_size, num_workers=num_workers, precision=precision
+    )
     pred = p.argmax(axis=1)
     cm = confusion_matrix(y, pred)
     return {
@@ -65,4 +71,15 @@ def evaluate(
         "recall": per_class_recall(cm).tolist(),
         "confusion": cm,
         "num_examples": len(y),
+    }
+
+
+def summarize(stats: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-ready part of `evaluate`'s result, as metrics.jsonl stores it."""
+    return {
+        "loss": stats["loss"],
+        "uar": stats["uar"],
+        "war": stats["war"],
+        "recall": stats["recall"],
+        "confusion": np.asarray(stats["confusion"]).tolist(),
     }

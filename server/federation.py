@@ -8,11 +8,9 @@ a checkpoint, round-0 evaluation and per-source logging possible (Flower has no 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
@@ -22,55 +20,59 @@ from hdf import contract as K
 from hdf.classes import NUM_CLASSES
 from hdf.data import build_sources, split_sources
 from hdf.device import seed_everything
+from hdf.evaluate import summarize
 from hdf.models import build_model
 from server.heldout import HeldoutEvaluator
 from server.outputs import RunFolder, rng_state, set_rng_state
+from server.report import format_row
 from server.strategy import SourceFedAvg, build_strategy
 from server.tracking import Tracker
 
 log = logging.getLogger(__name__)
+QUERY_TIMEOUT_S = 300.0  # a site builds its data set and model when first asked
 
 
-def discover_nodes(
-    grid: Grid, cfg_yaml: str, expected: int, wait_s: float, known: set[int] | None = None
-) -> dict[int, tuple[int, bool, int]]:
-    """Ask every unknown node which source it serves: node id -> (source, held out, clips).
-
-    Waits up to `wait_s` seconds for `expected` nodes to be online (a deployment's sites may still
-    be starting), then queries those not in `known`.
-    """
-    deadline = time.monotonic() + wait_s
-    while len(list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
-        time.sleep(1.0)
-    nodes = [n for n in grid.get_node_ids() if n not in (known or set())]
+def query_nodes(grid: Grid, cfg_yaml: str, nodes: list[int]) -> dict[int, dict[str, int]]:
+    """Ask `nodes` which source each serves: node id -> {source, heldout, clips, partitions}."""
     if not nodes:
         return {}
     content = RecordDict({K.CONFIG: ConfigRecord({K.RUN_CONFIG: cfg_yaml})})
     msgs = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    found: dict[int, tuple[int, bool, int]] = {}
-    for reply in grid.send_and_receive(msgs, timeout=max(wait_s, 60.0)):
+    found: dict[int, dict[str, int]] = {}
+    for reply in grid.send_and_receive(msgs, timeout=QUERY_TIMEOUT_S):
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("node %s could not say which source it serves: %s", node, reply.error.reason)
             continue
         m = reply.content[K.METRICS]
-        found[node] = (int(m[K.SOURCE_INDEX]), bool(m[K.HELDOUT]), int(m[K.NUM_EXAMPLES]))
+        found[node] = {
+            "source": int(m[K.SOURCE_INDEX]),
+            "heldout": int(m[K.HELDOUT]),
+            "clips": int(m[K.NUM_EXAMPLES]),
+            "partitions": int(m.get(K.NUM_PARTITIONS, 0)),
+        }
     return found
 
 
-def _clean(x: Any) -> Any:
-    """JSON-ready copy: NaN becomes null, numpy scalars become Python numbers."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+def discover_nodes(
+    grid: Grid, cfg_yaml: str, expected: int, wait_s: float
+) -> dict[int, dict[str, int]]:
+    """Query nodes until `expected` have answered or `wait_s` passed.
+
+    In simulation every virtual node exists from the start and reports how many partitions the
+    federation has, so discovery ends as soon as all of them answered, even when there are fewer
+    than training sources (`flwr run .` starts 2 SuperNodes unless told otherwise).
+    """
+    deadline = time.monotonic() + wait_s
+    found: dict[int, dict[str, int]] = {}
+    while True:
+        new = [n for n in grid.get_node_ids() if n not in found]
+        found.update(query_nodes(grid, cfg_yaml, new))
+        partitions = {v["partitions"] for v in found.values()}
+        simulated = len(partitions) == 1 and 0 not in partitions and len(found) >= min(partitions)
+        if len(found) >= expected or simulated or time.monotonic() >= deadline:
+            return found
+        time.sleep(1.0)
 
 
 class Federation:
@@ -92,7 +94,7 @@ class Federation:
         self.heldout_eval = HeldoutEvaluator(cfg, self.heldout_sources) if server_eval else None
         expected = len(self.train_sources) + (0 if server_eval else len(self.heldout_sources))
         nodes = discover_nodes(grid, self.cfg_yaml, expected, float(cfg.server.wait_for_nodes_s))
-        sizes = {src: n for src, held, n in nodes.values() if not held}
+        sizes = {v["source"]: v["clips"] for v in nodes.values() if not v["heldout"]}
         self.strategy: SourceFedAvg = build_strategy(
             cfg.strategy,
             train_sources=[s.index for s in self.train_sources],
@@ -102,10 +104,14 @@ class Federation:
         )
         self._register(nodes)
         missing = {s.name for s in self.train_sources} - {
-            self.names[src] for src, held, _ in nodes.values() if not held
+            self.names[v["source"]] for v in nodes.values() if not v["heldout"]
         }
         if missing:
-            self.console.print(f"[yellow]no node serves training source(s) {sorted(missing)} yet[/]")
+            self.console.print(
+                f"[yellow]no node serves training source(s) {sorted(missing)}: they will not "
+                "train until a site serving them connects (in simulation, start one SuperNode "
+                "per training source, e.g. --federation-config 'num-supernodes=N')[/]"
+            )
         self.train_config = ConfigRecord(
             {
                 K.RUN_CONFIG: self.cfg_yaml,
@@ -117,9 +123,9 @@ class Federation:
         self.tracker = Tracker(cfg, run)
         self.start_round = 1
 
-    def _register(self, nodes: dict[int, tuple[int, bool, int]]) -> None:
-        for node, (src, held, _) in nodes.items():
-            self.strategy.register_node(node, src, held)
+    def _register(self, nodes: dict[int, dict[str, int]]) -> None:
+        for node, v in nodes.items():
+            self.strategy.register_node(node, v["source"], bool(v["heldout"]))
 
     # ---- resume ------------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -162,22 +168,17 @@ class Federation:
             (train if src in self.strategy.train_sources else held)[self.names[src]] = row
         if self.heldout_eval is not None:
             for name, stats in self.heldout_eval(self.arrays).items():
-                held[name] = {
-                    "loss": stats["loss"],
-                    "uar": stats["uar"],
-                    "war": stats["war"],
-                    "recall": stats["recall"],
-                    "confusion": stats["confusion"].tolist(),
-                }
+                held[name] = summarize(stats)
         return train, held
 
     def round(self, server_round: int) -> dict[str, Any]:
         t0 = time.monotonic()
-        known = set(self.strategy.node_source)
-        self._register(
-            discover_nodes(self.grid, self.cfg_yaml, 0, 0.0, known=known)
-        )  # sites that (re)joined since the last round
-        msgs = self.strategy.configure_train(server_round, self.arrays, self.train_config, self.grid)
+        # sites that (re)joined since the last round get new node ids: ask them who they are
+        new = [n for n in self.grid.get_node_ids() if n not in self.strategy.node_source]
+        self._register(query_nodes(self.grid, self.cfg_yaml, new))
+        msgs = self.strategy.configure_train(
+            server_round, self.arrays, self.train_config, self.grid
+        )
         replies = list(
             self.grid.send_and_receive(msgs, timeout=float(self.cfg.server.round_timeout_s))
         )
@@ -221,36 +222,18 @@ class Federation:
         }
 
     def show(self, row: dict[str, Any]) -> None:
-        """One progress line per round: clients, losses, lambda, worst source, held out."""
-        train, held = row["train"], row["heldout"]
-        parts = [f"round {row['round']:>3}/{self.cfg.rounds}"]
-        if "replied" in row:
-            parts.append(f"updates {row['replied'] - len(row['rejected'])}/{row['sent']}")
-            if row["clients"]:
-                lb = [c["loss_before"] for c in row["clients"].values()]
-                parts.append(f"loss-before mean {np.mean(lb):.3f} max {np.max(lb):.3f}")
-        if row["lambda"]:
-            top = max(row["lambda"], key=row["lambda"].get)
-            parts.append(f"λmax {row['lambda'][top]:.2f} ({top})")
-        if train:
-            worst = min(train, key=lambda n: train[n]["uar"])
-            mean = np.mean([v["uar"] for v in train.values()])
-            parts.append(f"val UAR mean {mean:.3f} worst {train[worst]['uar']:.3f} ({worst})")
-        for name, v in held.items():
-            parts.append(f"held-out {name} UAR {v['uar']:.3f}")
-        parts.append(f"{row['seconds']:.1f}s")
-        self.console.print(" | ".join(parts))
+        self.console.print(format_row(row, int(self.cfg.rounds)))
 
     # ---- the whole run -----------------------------------------------------------------------
     def run_all(self) -> list[dict[str, Any]]:
         if not self.restore():
-            row = _clean(self.initial_row())
+            row = self.initial_row()
             self.run.append_metrics(row)
             self.tracker.log(row)
             self.show(row)
             self.checkpoint(0)
         for r in range(self.start_round, int(self.cfg.rounds) + 1):
-            row = _clean(self.round(r))
+            row = self.round(r)
             self.run.append_metrics(row)
             self.tracker.log(row)
             self.show(row)

@@ -21,6 +21,7 @@ class HeldoutEvaluator:
         self.sources = sources
         self.device = resolve_device(cfg.device)
         self.batch_size = int(cfg.eval.batch_size)
+        self.precision = str(cfg.precision)
         self.model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size).to(self.device)
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, dict[str, Any]]:
@@ -29,6 +30,12 @@ class HeldoutEvaluator:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         out = {}
         for s in self.sources:
-            stats = evaluate(self.model, s.split("test"), self.device, batch_size=self.batch_size)
+            stats = evaluate(
+                self.model,
+                s.split("test"),
+                self.device,
+                batch_size=self.batch_size,
+                precision=self.precision,
+            )
             out[s.name] = stats
         return out

@@ -7,6 +7,7 @@ checkpoint intact, and holds everything a resume needs: model, strategy state, r
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -54,7 +55,7 @@ class RunFolder:
     # ---- metrics ---------------------------------------------------------------------------
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.path / METRICS_FILE, "a") as fh:
-            fh.write(json.dumps(row, allow_nan=False, default=_jsonable) + "\n")
+            fh.write(json.dumps(clean(row), allow_nan=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -67,7 +68,7 @@ class RunFolder:
     def truncate_metrics(self, last_round: int) -> None:
         """Drop rows after `last_round` (written by a run that died before its checkpoint)."""
         rows = [r for r in self.read_metrics() if r["round"] <= last_round]
-        text = "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows)
+        text = "".join(json.dumps(r) + "\n" for r in rows)
         _atomic_write_bytes(self.path / METRICS_FILE, text.encode())
 
     # ---- checkpoint ------------------------------------------------------------------------
@@ -111,9 +112,16 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+def clean(x: Any) -> Any:
+    """JSON-ready copy: NaN and Inf become null, numpy values become Python ones."""
+    if isinstance(x, dict):
+        return {k: clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [clean(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return clean(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

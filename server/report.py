@@ -8,15 +8,37 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from hdf.classes import EMOTIONS  # noqa: E402
-from server.outputs import RunFolder  # noqa: E402
+from hdf.classes import EMOTIONS
+from server.outputs import RunFolder
 
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
+
+
+def format_row(row: dict[str, Any], rounds: int) -> str:
+    """One progress line per round: clients, losses, lambda, worst source, held-out UAR."""
+    train, held = row["train"], row["heldout"]
+    parts = [f"round {row['round']:>3}/{rounds}"]
+    if "replied" in row:
+        parts.append(f"updates {row['replied'] - len(row['rejected'])}/{row['sent']}")
+        if row["clients"]:
+            lb = [c["loss_before"] for c in row["clients"].values()]
+            parts.append(f"loss-before mean {np.mean(lb):.3f} max {np.max(lb):.3f}")
+    if row.get("lambda"):
+        top = max(row["lambda"], key=row["lambda"].get)
+        parts.append(f"λmax {row['lambda'][top]:.2f} ({top})")
+    if train:
+        worst = min(train, key=lambda n: train[n]["uar"])
+        mean = np.mean([v["uar"] for v in train.values()])
+        parts.append(f"val UAR mean {mean:.3f} worst {train[worst]['uar']:.3f} ({worst})")
+    for name, v in held.items():
+        parts.append(f"held-out {name} UAR {v['uar']:.3f}")
+    parts.append(f"{row['seconds']:.1f}s")
+    return " | ".join(parts)
 
 
 def plot_series(
@@ -56,8 +78,15 @@ def plot_confusion(confusion: list[list[int]], title: str, path: Path) -> None:
     for i in range(len(EMOTIONS)):
         for j in range(len(EMOTIONS)):
             if cm[i, j]:
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
@@ -73,22 +102,38 @@ def write_report(run: RunFolder) -> Path:
         raise ValueError(f"{run.path} has no metrics.jsonl rows to report")
     first, last = rows[0], rows[-1]
     plot_series(rows, "lambda", None, "DRO weight per source", "lambda", run.path / "lambda.png")
-    plot_series(rows, "train", "uar", "Validation UAR per training source", "UAR",
-                run.path / "train_uar.png")
+    plot_series(
+        rows,
+        "train",
+        "uar",
+        "Validation UAR per training source",
+        "UAR",
+        run.path / "train_uar.png",
+    )
     plot_series(rows, "heldout", "uar", "Held-out UAR", "UAR", run.path / "heldout_uar.png")
     lines = [f"# Run report: {run.path.name}", "", f"Rounds: {last['round']}", ""]
-    lines += ["## Training sources (validation split)", "",
-              "| source | lambda | UAR r0 | UAR | WAR | loss |", "|---|---|---|---|---|---|"]
+    lines += [
+        "## Training sources (validation split)",
+        "",
+        "| source | lambda | UAR r0 | UAR | WAR | loss |",
+        "|---|---|---|---|---|---|",
+    ]
     for n, v in sorted(last["train"].items()):
         u0 = first["train"].get(n, {}).get("uar")
-        lines.append(f"| {n} | {last['lambda'].get(n, 0):.3f} | {_fmt(u0)} | {_fmt(v['uar'])} "
-                     f"| {_fmt(v['war'])} | {v['loss']:.3f} |")
+        lines.append(
+            f"| {n} | {last['lambda'].get(n, 0):.3f} | {_fmt(u0)} | {_fmt(v['uar'])} "
+            f"| {_fmt(v['war'])} | {v['loss']:.3f} |"
+        )
     if last["train"]:
         uars = [v["uar"] for v in last["train"].values()]
         lines += ["", f"Mean UAR {_fmt(float(np.mean(uars)))}, worst {_fmt(min(uars))}.", ""]
     if last["heldout"]:
-        lines += ["## Held-out sources (test split)", "", "| source | UAR r0 | UAR | WAR |",
-                  "|---|---|---|---|"]
+        lines += [
+            "## Held-out sources (test split)",
+            "",
+            "| source | UAR r0 | UAR | WAR |",
+            "|---|---|---|---|",
+        ]
         for n, v in sorted(last["heldout"].items()):
             u0 = first["heldout"].get(n, {}).get("uar")
             lines.append(f"| {n} | {_fmt(u0)} | {_fmt(v['uar'])} | {_fmt(v['war'])} |")

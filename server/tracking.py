@@ -17,9 +17,7 @@ def flatten(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(flatten(v, key + "/"))
-        elif isinstance(v, bool):
-            out[key] = float(v)
-        elif isinstance(v, int | float):
+        elif isinstance(v, int | float):  # bools too
             out[key] = float(v)
     return out
 

@@ -2,7 +2,8 @@
 
 A reply is rejected, with the node and the reason, when it carries an error, misses a record or a
 metric key, names a source that does not train, has missing, extra or misshapen arrays, a wrong
-dtype, a non-finite value, or an update norm far beyond the others'. The round goes on with the rest.
+dtype, a non-finite value, or an update norm far beyond the others'. The round goes on with
+the rest.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ REQUIRED_TRAIN_METRICS = (K.NUM_EXAMPLES, K.SOURCE_INDEX, K.LOSS_BEFORE, K.TRAIN
 NORM_OUTLIER_FACTOR = 10.0  # an update norm above this multiple of the median is rejected
 
 
-def _reason(msg: Message, reference: ArrayRecord | None, train_sources: set[int],
-            node_source: dict[int, int]) -> str | None:
+def _reason(
+    msg: Message,
+    reference: ArrayRecord | None,
+    train_sources: set[int],
+    node_source: dict[int, int],
+) -> str | None:
     if msg.has_error():
         return f"client error: {msg.error.reason}"
     content = msg.content

@@ -41,15 +41,21 @@ def simulate(cfg: DictConfig, run: RunFolder) -> None:
 
     if str(cfg.server.heldout_eval) != "server":
         raise ValueError(
-            "in simulation held-out sources are scored by the server: keep server.heldout_eval=server"
+            "in simulation the server scores held-out sources: keep server.heldout_eval=server"
         )
-    train, _ = split_sources(build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train"))
+    train, _ = split_sources(
+        build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train")
+    )
     backend_config = {
         "client_resources": {
             "num_cpus": float(cfg.simulation.num_cpus_per_client),
             "num_gpus": float(cfg.simulation.num_gpus_per_client),
         },
-        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR", "log_to_driver": True},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "logging_level": "ERROR",
+            "log_to_driver": True,
+        },
     }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")

@@ -1,9 +1,10 @@
 """Data sources and the clip pipeline; importing this registers every dataset."""
 
-from hdf.data import synthetic as synthetic  # noqa: F401  (registers "synthetic")
+from hdf.data import synthetic as synthetic
 from hdf.data.source import (
     SPLITS,
     ClipDataset,
+    ConcatClipDataset,
     Source,
     SourceSet,
     TensorClipDataset,
@@ -16,6 +17,7 @@ from hdf.data.source import (
 __all__ = [
     "SPLITS",
     "ClipDataset",
+    "ConcatClipDataset",
     "Source",
     "SourceSet",
     "TensorClipDataset",

@@ -42,7 +42,9 @@ class TensorClipDataset(ClipDataset):
 
     def __init__(self, clips: torch.Tensor, labels: np.ndarray, source_index: int) -> None:
         if clips.dtype != torch.uint8 or clips.ndim != 5:
-            raise ValueError(f"clips must be uint8 N x T x C x H x W, got {clips.dtype} {tuple(clips.shape)}")
+            raise ValueError(
+                f"clips must be uint8 N x T x C x H x W, got {clips.dtype} {tuple(clips.shape)}"
+            )
         if len(clips) != len(labels):
             raise ValueError(f"{len(clips)} clips but {len(labels)} labels")
         self.clips = clips
@@ -51,6 +53,26 @@ class TensorClipDataset(ClipDataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         return self.clips[i], int(self.labels[i]), self.source_index
+
+
+class ConcatClipDataset(ClipDataset):
+    """Several splits pooled (the centralized baseline); items keep their own source index."""
+
+    def __init__(self, parts: list[ClipDataset]) -> None:
+        if not parts:
+            raise ValueError("nothing to pool: no splits given")
+        self.parts = parts
+        self.labels = np.concatenate([p.labels for p in parts])
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.source_index = -1
+
+    @property
+    def skipped(self) -> int:
+        return sum(p.skipped for p in self.parts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[k][i - int(self.offsets[k])]
 
 
 class SourceSet(ABC):

@@ -1,0 +1,108 @@
+"""The pooled baseline: one model trained on all training sources' data at once.
+
+    python -m simulations.centralized                 # same data, model and loss as `make run`
+    python -m simulations.centralized rounds=20
+
+One "round" is `train.local_epochs` passes over the pooled training data, with the same
+optimiser, schedule and HDF loss a client uses, so a round costs what a federated round costs
+in total. The run folder has the same metrics.jsonl contract as a federated run (lambda holds
+each source's share of the pooled data); the last line printed is its path.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+from hdf.train import train_local
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from hdf.data import ConcatClipDataset, Source, build_sources, split_sources
+from hdf.device import resolve_device, seed_everything
+from hdf.evaluate import evaluate, summarize
+from hdf.models import HDFNet, build_model
+from server.outputs import RunFolder
+from server.report import format_row, write_report
+from server.tracking import Tracker
+from simulations.config import compose
+
+
+def score(
+    model: HDFNet,
+    sources: list[Source],
+    split: str,
+    device: torch.device,
+    cfg: DictConfig,
+    *,
+    confusion: bool,
+) -> dict[str, dict[str, Any]]:
+    """Each source's metrics on `split`, as metrics.jsonl stores them."""
+    out = {}
+    for s in sources:
+        stats = evaluate(
+            model,
+            s.split(split),
+            device,
+            batch_size=int(cfg.eval.batch_size),
+            precision=str(cfg.precision),
+        )
+        out[s.name] = summarize(stats)
+        if not confusion:
+            del out[s.name]["confusion"]
+    return out
+
+
+def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None = None) -> RunFolder:
+    """Train on the pooled training sources, scoring every source after each round."""
+    console = console or Console(highlight=False)
+    run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    seed_everything(int(cfg.seed))
+    train_sources, heldout = split_sources(
+        build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train")
+    )
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size).to(device)
+    pooled = ConcatClipDataset([s.split("train") for s in train_sources])
+    share = {s.name: len(s.split("train")) / len(pooled) for s in train_sources}
+    tracker = Tracker(cfg, run)
+    for r in range(0, int(cfg.rounds) + 1):
+        t0 = time.monotonic()
+        if r > 0:
+            train_local(
+                model,
+                pooled,
+                cfg,
+                device,
+                epochs=int(cfg.train.local_epochs),
+                lr=float(cfg.train.lr),
+                seed=int(cfg.seed) * 1_000_003 + r,
+            )
+        row = {
+            "round": r,
+            "lambda": share,
+            "train": score(model, train_sources, "val", device, cfg, confusion=False),
+            "heldout": score(model, heldout, "test", device, cfg, confusion=True),
+            "seconds": time.monotonic() - t0,
+        }
+        run.append_metrics(row)
+        tracker.log(row)
+        console.print(format_row(row, int(cfg.rounds)))
+    tracker.finish()
+    run.mark_done()
+    write_report(run)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = compose(["name=centralized", *(sys.argv[1:] if argv is None else argv)])
+    run = RunFolder.create(cfg.output.root, str(cfg.name))
+    train_centralized(cfg, run)
+    print(run.path, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

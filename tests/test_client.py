@@ -1,0 +1,63 @@
+"""The ClientApp called directly (no Ray): replies follow the message contract."""
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
+
+from client.app import app
+from hdf import contract as K
+from hdf.models import build_model
+from simulations.config import compose, to_yaml
+from tests.fedmock import instruction
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    return compose(["experiment=tiny", f"data.root={root}"])
+
+
+def _message(cfg, kind: str, node: int = 1):
+    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+    config = ConfigRecord(
+        {K.RUN_CONFIG: to_yaml(cfg), K.SERVER_ROUND: 1, K.LOCAL_EPOCHS: 1, K.LR: 1e-3}
+    )
+    content = RecordDict({K.ARRAYS: ArrayRecord(model.state_dict()), K.CONFIG: config})
+    return instruction(node, content, kind), model
+
+
+def _context(node_config):
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_train_reply_passes_flower_consistency_check(cfg) -> None:
+    msg, model = _message(cfg, MessageType.TRAIN)
+    replies = [
+        app(msg, _context({"partition-id": pid, "num-partitions": 2})).content for pid in (0, 1)
+    ]
+    validate_message_reply_consistency(replies, K.NUM_EXAMPLES, check_arrayrecord=True)
+    metrics = replies[0][K.METRICS]
+    assert metrics[K.SOURCE_INDEX] != replies[1][K.METRICS][K.SOURCE_INDEX]
+    for key in (K.LOSS_BEFORE, K.TRAIN_LOSS, K.TRAIN_UAR, K.TRAIN_WAR):
+        assert np.isfinite(metrics[key])
+    assert metrics[K.LOSS_BEFORE] > 0
+    # the update changed the weights and kept every key and shape
+    sent = model.state_dict()
+    got = replies[0][K.ARRAYS].to_torch_state_dict()
+    assert set(got) == set(sent)
+    assert any(not np.array_equal(got[k].numpy(), sent[k].numpy()) for k in sent)
+
+
+def test_evaluate_reply_reports_source_and_recall(cfg) -> None:
+    msg, _ = _message(cfg, MessageType.EVALUATE)
+    reply = app(msg, _context({"partition-id": 0, "num-partitions": 2})).content[K.METRICS]
+    assert 0 <= reply[K.UAR] <= 1 and 0 <= reply[K.WAR] <= 1
+    assert all(f"{K.RECALL_PREFIX}{c}" in reply for c in range(7))
+
+
+def test_unknown_source_name_is_a_clear_error(cfg) -> None:
+    """Called directly the ClientApp raises; Flower's runtime turns this into an error reply."""
+    msg, _ = _message(cfg, MessageType.TRAIN)
+    with pytest.raises(ValueError, match="source='no-such-site'.*known sources"):
+        app(msg, _context({"source": "no-such-site"}))
