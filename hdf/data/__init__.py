@@ -1,6 +1,7 @@
 """Data sources and the clip pipeline; importing this registers every dataset."""
 
-from hdf.data import synthetic as synthetic
+# Importing each dataset module registers it under its `data.name`.
+from hdf.data import dfew, ferv39k, manifest, multi, synthetic  # noqa: F401
 from hdf.data.source import (
     SPLITS,
     ClipDataset,
