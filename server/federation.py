@@ -80,7 +80,7 @@ class Federation:
 
     def __init__(self, grid: Grid, cfg: DictConfig, run: RunFolder, console: Console | None = None):
         self.grid, self.cfg, self.run = grid, cfg, run
-        self.console = console or Console(stderr=False, highlight=False)
+        self.console = console or Console(highlight=False, soft_wrap=True)
         self.cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         seed_everything(int(cfg.seed))
         sources = build_sources(cfg.data)

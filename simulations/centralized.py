@@ -57,7 +57,7 @@ def score(
 
 def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None = None) -> RunFolder:
     """Train on the pooled training sources, scoring every source after each round."""
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, soft_wrap=True)
     run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(int(cfg.seed))
     train_sources, heldout = split_sources(

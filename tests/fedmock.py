@@ -16,14 +16,25 @@ def _identity() -> None:
     TaskIdentity.task_id = 1
 
 
-def instruction(node_id: int, content: RecordDict | None = None, kind: str = MessageType.TRAIN) -> Message:
+def instruction(
+    node_id: int, content: RecordDict | None = None, kind: str = MessageType.TRAIN
+) -> Message:
     _identity()
-    return Message(content=content or RecordDict({K.CONFIG: ConfigRecord({})}), dst_node_id=node_id, message_type=kind)
+    return Message(
+        content=content or RecordDict({K.CONFIG: ConfigRecord({})}),
+        dst_node_id=node_id,
+        message_type=kind,
+    )
 
 
 def train_reply(
-    node_id: int, arrays: dict[str, np.ndarray], *, source: int, loss_before: float = 1.0,
-    num_examples: int = 10, train_loss: float = 1.0,
+    node_id: int,
+    arrays: dict[str, np.ndarray],
+    *,
+    source: int,
+    loss_before: float = 1.0,
+    num_examples: int = 10,
+    train_loss: float = 1.0,
 ) -> Message:
     """A client's train reply as the contract says (DESIGN.md section 3)."""
     metrics = MetricRecord(
@@ -46,3 +57,28 @@ def arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     from flwr.app import Array
 
     return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+
+
+def eval_reply(node_id: int, *, source: int, loss: float, uar: float = 0.5) -> Message:
+    """A client's evaluate reply: loss, UAR, WAR, per-class recall, source and count."""
+    metrics = {
+        K.NUM_EXAMPLES: 10,
+        K.SOURCE_INDEX: source,
+        K.LOSS: loss,
+        K.UAR: uar,
+        K.WAR: uar,
+    }
+    metrics.update({f"{K.RECALL_PREFIX}{c}": uar for c in range(7)})
+    content = RecordDict({K.METRICS: MetricRecord(metrics)})
+    return Message(content=content, reply_to=instruction(node_id, kind=MessageType.EVALUATE))
+
+
+class FakeGrid:
+    """The one Grid method the strategies' configure_* hooks call."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        _identity()
+        return list(self.node_ids)

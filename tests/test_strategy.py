@@ -2,10 +2,24 @@
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
 
-from server.strategy import DRO, DROSettings, SourceFedAvg
+from hdf import contract as K
+from server.strategy import (
+    DRO,
+    DROSettings,
+    FedBN,
+    FedDGGA,
+    LocalOnly,
+    QFedAvg,
+    SourceFedAvg,
+    build_strategy,
+    list_strategies,
+)
 from server.strategy.dro_math import update_lambda
-from tests.fedmock import arrays_record, train_reply
+from simulations.config import CONF_DIR as CONF
+from simulations.config import compose
+from tests.fedmock import FakeGrid, arrays_record, eval_reply, train_reply
 
 NAMES = {0: "a", 1: "b", 2: "c", 3: "held"}
 GLOBAL = {"w": np.zeros((2, 2), np.float32), "steps": np.array(4, dtype=np.int64)}
@@ -47,7 +61,9 @@ def test_dro_mixes_by_lambda_after_update() -> None:
     u = np.full(3, 1 / 3)
     lam = update_lambda("eg", u, np.array(losses), np.ones(3, bool), u, settings)
     np.testing.assert_allclose(s.lam, lam)
-    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), lam @ [0.0, 1.0, 2.0]), rtol=1e-6)
+    np.testing.assert_allclose(
+        arrays["w"].numpy(), np.full((2, 2), lam @ [0.0, 1.0, 2.0]), rtol=1e-6
+    )
     assert s.weights_by_source() == pytest.approx({0: lam[0], 1: lam[1], 2: lam[2]})
     # lambda survives a checkpoint round trip
     t = _strategy(DRO, settings=settings)
@@ -101,3 +117,249 @@ def test_too_few_valid_updates_keep_the_previous_model() -> None:
     s = _strategy(min_train_replies=2)
     out, metrics = s.aggregate_train(1, [train_reply(10, _arrays(1.0), source=0)])
     assert out is None and metrics is None
+
+
+# ---- the DRO modes inside the strategy -------------------------------------------------------
+def _round(s, server_round, losses, values=None, nodes=(10, 11, 12)):
+    """One training round from the nodes given (node 10 + i serves source i)."""
+    replies = [
+        train_reply(
+            n,
+            _arrays(float(values[n - 10] if values else n - 10)),
+            source=n - 10,
+            loss_before=losses[n - 10],
+        )
+        for n in nodes
+    ]
+    return s.aggregate_train(server_round, replies)
+
+
+def test_dro_kl_remembers_silent_sources_across_rounds_and_checkpoints() -> None:
+    """The test_dro_math KL example through the strategy: round 1 all three report (1, 2, 3);
+    round 2 only sources 0 and 1 report (3, 1) and source 2's remembered 3 is used:
+    lambda = (.454813, .090374, .454813). The memory survives a checkpoint."""
+    settings = DROSettings(eps=0.1, cap=0.5, tau=1.0)
+    s = _strategy(DRO, mode="kl", settings=settings)
+    _round(s, 1, [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(s.lam, [0.155403, 0.344597, 0.5], atol=2e-6)
+    t = _strategy(DRO, mode="kl", settings=settings)
+    t.load_state_dict(s.state_dict())
+    np.testing.assert_allclose(t.loss_memory, [1.0, 2.0, 3.0])
+    arrays, _ = _round(t, 2, [3.0, 1.0, 0.0], nodes=(10, 11))
+    np.testing.assert_allclose(t.lam, [0.454813, 0.090374, 0.454813], atol=2e-6)
+    # partial participation: only the repliers are mixed, renormalised over their lambda
+    w = t.lam[:2] / t.lam[:2].sum()
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), w @ [0.0, 1.0]), rtol=1e-6)
+
+
+def test_dro_partial_participation_every_mode_keeps_lambda_on_the_capped_simplex() -> None:
+    for mode in ["eg", "kl", "cvar", "afl"]:
+        s = _strategy(DRO, mode=mode, settings=DROSettings(eta=1.0, eps=0.1, cap=0.5))
+        for r in range(1, 6):
+            nodes = [(10, 11), (12,), (10, 12), (11,), (10, 11, 12)][r - 1]
+            _round(s, r, [1.0, 2.0, 5.0], nodes=nodes)
+            assert s.lam.sum() == pytest.approx(1.0) and s.lam.max() <= 0.5 + 1e-12, mode
+
+
+def test_drfa_samples_by_lambda_and_averages_over_draws() -> None:
+    """lambda = (.2, .3, .5); with fraction_train 1 there are 3 draws a round. Over 2000 rounds
+    the draws are proportional to lambda (chi-square, 2 d.o.f., 0.1% critical value 13.8)."""
+    s = _strategy(DRO, mode="drfa", settings=DROSettings(eta=0.1, eps=0.1, cap=0.6))
+    s.lam = np.array([0.2, 0.3, 0.5])
+    counts = np.zeros(3)
+    for r in range(1, 2001):
+        nodes = s.sample_training_nodes(r, [10, 11, 12])
+        assert nodes == sorted(10 + src for src in s.draws)
+        for src, c in s.draws.items():
+            counts[src] += c
+    expected = 6000 * s.lam
+    assert float(((counts - expected) ** 2 / expected).sum()) < 13.8, counts
+
+
+def test_drfa_round_by_hand() -> None:
+    """Draws {source 0: 2, source 2: 1}: the update is (2 * w0 + 1 * w2) / 3 = (0 + 2) / 3.
+    Then lambda moves by AFL's ascent on the last validation losses (1, 2, 3), not on the
+    loss-before of the sampled sources: the test_dro_math AFL round 1, (.243333, .333333,
+    .423333)."""
+    s = _strategy(DRO, mode="drfa", settings=DROSettings(eta=0.1, eps=0.1, cap=0.5))
+    s.aggregate_evaluate(0, [eval_reply(10 + i, source=i, loss=1.0 + i) for i in range(3)])
+    np.testing.assert_allclose(s.eval_loss, [1.0, 2.0, 3.0])
+    s.draws = {0: 2, 2: 1}
+    arrays, _ = _round(s, 1, [9.0, 9.0, 9.0], nodes=(10, 12))
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 2.0 / 3.0), rtol=1e-6)
+    np.testing.assert_allclose(s.lam, [0.243333, 0.333333, 0.423333], atol=1e-6)
+    t = _strategy(DRO, mode="drfa")
+    t.load_state_dict(s.state_dict())
+    np.testing.assert_allclose(t.eval_loss, s.eval_loss)
+
+
+# ---- baselines -----------------------------------------------------------------------------
+def test_qfedavg_step_by_hand() -> None:
+    """Global w = 0; updates w1 = 1 (loss-before F = 1), w2 = 2 (F = 4), equal clips, q = 1,
+    L = 1 (client lr 1). Per element Delta w_k = L (w - w_k) = (-1, -2); over the 4 elements
+    ||Delta w||^2 = (4, 16). Delta_k = F^q Delta w = (-1, -8); h_k = q F^(q-1) ||.||^2 + L F^q
+    = (4 + 1, 16 + 4) = (5, 20). With p = (.5, .5): w = 0 - (-4.5 / 12.5) = 0.36.
+    The integer array takes the clip-weighted mean. q = 0 gives FedAvg: (1 + 2) / 2 = 1.5."""
+    s = _strategy(QFedAvg, q=1.0, client_lr=1.0)
+    replies = [
+        train_reply(10, _arrays(1.0), source=0, loss_before=1.0, train_loss=100.0),
+        train_reply(11, _arrays(2.0), source=1, loss_before=4.0, train_loss=0.0),
+    ]
+    arrays, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 0.36), rtol=1e-6)
+    assert arrays["w"].numpy().dtype == np.float32
+    assert arrays["steps"].numpy().dtype == np.int64 and int(arrays["steps"].numpy()) == 4
+    assert s.weights_by_source() == pytest.approx({0: 0.2, 1: 0.8, 2: 0.0})
+    s0 = _strategy(QFedAvg, q=0.0, client_lr=1e-3)
+    arrays, _ = s0.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 1.5), rtol=1e-6)
+
+
+def test_feddg_ga_adjusts_weights_by_the_gap() -> None:
+    """Round 1 mixes uniformly: (0 + 1 + 2) / 3 = 1. Local models' train losses (.5, .5, .5),
+    validation losses of the aggregate (.6, .9, .6): gaps (.1, .4, .1), d = .2 (R = 0: no
+    decay): the test_dro_math example, weights (.233333, .533333, .233333). Round 2 mixes
+    (0, 1, 2) with them: .533333 + 2 * .233333 = 1."""
+    s = _strategy(FedDGGA, step=0.2)
+    replies = [train_reply(10 + i, _arrays(float(i)), source=i, train_loss=0.5) for i in range(3)]
+    arrays, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 1.0), rtol=1e-6)
+    s.aggregate_evaluate(
+        1, [eval_reply(10 + i, source=i, loss=v) for i, v in enumerate([0.6, 0.9, 0.6])]
+    )
+    np.testing.assert_allclose(s.weights, [0.7 / 3, 1.6 / 3, 0.7 / 3], atol=1e-9)
+    assert s.gaps == pytest.approx({0: 0.1, 1: 0.4, 2: 0.1})
+    t = _strategy(FedDGGA, step=0.2)
+    t.load_state_dict(s.state_dict())
+    replies = [train_reply(10 + i, _arrays(float(i)), source=i) for i in range(3)]
+    arrays, _ = t.aggregate_train(2, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 1.6 / 3 + 1.4 / 3), rtol=1e-6)
+
+
+def test_fedbn_flags_train_and_evaluate_configs() -> None:
+    s = _strategy(FedBN)
+    grid = FakeGrid([10, 11, 12])
+    config = ConfigRecord({"lr": 0.1})
+    train = list(s.configure_train(1, arrays_record(GLOBAL), config, grid))
+    assert all(m.content[K.CONFIG][K.FEDBN] == 1 for m in train)
+    evals = list(s.configure_evaluate(1, arrays_record(GLOBAL), config, grid))
+    assert len(evals) == 3 and all(m.content[K.CONFIG][K.FEDBN] == 1 for m in evals)
+    assert K.FEDBN not in config  # the record start() reuses is left alone
+
+
+def test_local_only_keeps_one_model_per_source() -> None:
+    """Each node gets its own source's model; the global model is the uniform soup."""
+    s = _strategy(LocalOnly)
+    grid = FakeGrid([10, 11, 12])
+    first = list(s.configure_train(1, arrays_record(GLOBAL), ConfigRecord({}), grid))
+    assert all(np.all(m.content[K.ARRAYS]["w"].numpy() == 0) for m in first)
+    replies = [
+        train_reply(10 + i, _arrays(float(i + 1)), source=i, num_examples=10 * (i + 1))
+        for i in range(3)
+    ]
+    soup, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(soup["w"].numpy(), np.full((2, 2), 2.0))  # (1 + 2 + 3) / 3
+    sent = {m.metadata.dst_node_id: m for m in s.configure_train(2, soup, ConfigRecord({}), grid)}
+    for i in range(3):
+        np.testing.assert_allclose(sent[10 + i].content[K.ARRAYS]["w"].numpy(), i + 1.0)
+    s.register_node(13, 3, heldout=True)
+    grid.node_ids.append(13)
+    ev = {m.metadata.dst_node_id: m for m in s.configure_evaluate(1, soup, ConfigRecord({}), grid)}
+    np.testing.assert_allclose(ev[11].content[K.ARRAYS]["w"].numpy(), 2.0)
+    np.testing.assert_allclose(ev[13].content[K.ARRAYS]["w"].numpy(), 2.0)  # held out: soup
+    np.testing.assert_allclose(ev[12].content[K.ARRAYS]["w"].numpy(), 3.0)
+    t = _strategy(LocalOnly)
+    t.load_state_dict(s.state_dict())
+    np.testing.assert_allclose(t.local[2]["w"].numpy(), 3.0)
+
+
+# ---- every registered strategy, built from its config file -----------------------------------
+STRATEGY_FILES = sorted(p.stem for p in (CONF / "strategy").glob("*.yaml"))
+
+
+def test_every_strategy_file_names_a_registered_strategy() -> None:
+    names = {compose([f"strategy={f}"]).strategy.name for f in STRATEGY_FILES}
+    assert names == set(list_strategies())
+
+
+@pytest.mark.parametrize("conf", STRATEGY_FILES)
+def test_every_strategy_runs_two_rounds_and_resumes(conf: str, tmp_path) -> None:
+    """Built from its yaml: configure, aggregate 2 rounds with one silent source, evaluate,
+    checkpoint with torch.save, and a fresh copy restored from it aggregates identically."""
+    import torch
+
+    cfg = compose([f"strategy={conf}", "rounds=3"]).strategy
+
+    def build():
+        s = build_strategy(
+            cfg,
+            train_sources=[0, 1, 2],
+            source_names=NAMES,
+            seed=1,
+            source_sizes={0: 10, 1: 20, 2: 30},
+        )
+        for node, src in [(10, 0), (11, 1), (12, 2)]:
+            s.register_node(node, src, heldout=False)
+        return s
+
+    grid = FakeGrid([10, 11, 12])
+    s = build()
+    arrays = arrays_record(GLOBAL)
+    for r in (1, 2):
+        sent = list(s.configure_train(r, arrays, ConfigRecord({"lr": 1e-3}), grid))
+        nodes = sorted(m.metadata.dst_node_id for m in sent)[: 2 if r == 1 else 3]
+        replies = [
+            train_reply(n, _arrays(0.01 * (n - 9) * r), source=n - 10, loss_before=1.0 + n - 10)
+            for n in nodes
+        ]
+        new, _ = s.aggregate_train(r, replies)
+        arrays = new or arrays
+        s.aggregate_evaluate(
+            r, [eval_reply(n, source=n - 10, loss=2.0 - 0.1 * r) for n in (10, 11, 12)]
+        )
+        weights = s.weights_by_source()
+        assert set(weights) == {0, 1, 2} and sum(weights.values()) == pytest.approx(1.0)
+    torch.save(s.state_dict(), tmp_path / "state.pt")
+    t = build()
+    t.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    t.current_arrays = s.current_arrays = arrays
+    replies = [train_reply(n, _arrays(0.05 * (n - 9)), source=n - 10) for n in (10, 11, 12)]
+    for x in (s, t):
+        sent = list(x.configure_train(3, arrays, ConfigRecord({"lr": 1e-3}), grid))
+        assert sent
+    a, _ = s.aggregate_train(3, replies)
+    b, _ = t.aggregate_train(3, replies)
+    np.testing.assert_array_equal(a["w"].numpy(), b["w"].numpy())
+
+
+def test_fedbn_client_keeps_its_norm_layers_across_rounds() -> None:
+    """The client side of FedBN: after a round the site's norm layers live in context.state;
+    the next received model gets them back (conv weights stay the received ones)."""
+    import torch
+    from flwr.app import Context, RecordDict
+
+    from client.app import norm_state_keys, restore_local_norm, save_local_norm
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 2, 1), torch.nn.BatchNorm3d(2), torch.nn.GroupNorm(1, 2)
+    )
+    assert norm_state_keys(model) == [
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+        "2.weight",
+        "2.bias",
+    ]
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    restore_local_norm(model, context)  # nothing kept yet: a no-op
+    with torch.no_grad():
+        model[1].running_mean.fill_(3.0)
+        model[2].weight.fill_(5.0)
+    save_local_norm(model, context)
+    received = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(received)
+    restore_local_norm(model, context)
+    assert torch.all(model[1].running_mean == 3.0) and torch.all(model[2].weight == 5.0)
+    assert torch.all(model[0].weight == 0.0)

@@ -8,6 +8,10 @@ from typing import Any
 from server.strategy.base import SourceFedAvg
 from server.strategy.dro import DRO
 from server.strategy.dro_math import DRO_MODES, DROSettings
+from server.strategy.fedbn import FedBN
+from server.strategy.feddg_ga import FedDGGA
+from server.strategy.local import LocalOnly
+from server.strategy.qfedavg import QFedAvg
 
 StrategyBuilder = Callable[..., SourceFedAvg]
 _STRATEGIES: dict[str, StrategyBuilder] = {}
@@ -77,14 +81,52 @@ def _dro(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
         prior=str(d.get("prior", "uniform")),
         source_sizes=common.get("source_sizes"),
         server_lr=float(d.get("server_lr", 1.0)),
+        sample_by_lambda=d.get("sample_by_lambda"),
         **_fedavg_kwargs(cfg, common),
     )
+
+
+@register_strategy("qfedavg")
+def _qfedavg(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
+    q = cfg["qfedavg"]
+    lipschitz = q.get("lipschitz")
+    return QFedAvg(
+        q=float(q["q"]),
+        client_lr=float(q["client_lr"]),
+        lipschitz=None if lipschitz is None else float(lipschitz),
+        weighted_by_examples=bool(q.get("weighted_by_examples", True)),
+        **_fedavg_kwargs(cfg, common),
+    )
+
+
+@register_strategy("feddg_ga")
+def _feddg_ga(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
+    g = cfg["feddg_ga"]
+    return FedDGGA(
+        step=float(g["step"]),
+        num_rounds=int(g.get("num_rounds") or 0),
+        **_fedavg_kwargs(cfg, common),
+    )
+
+
+@register_strategy("fedbn")
+def _fedbn(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
+    return FedBN(**_fedavg_kwargs(cfg, common))
+
+
+@register_strategy("local")
+def _local(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
+    return LocalOnly(**_fedavg_kwargs(cfg, common))
 
 
 __all__ = [
     "DRO",
     "DRO_MODES",
     "DROSettings",
+    "FedBN",
+    "FedDGGA",
+    "LocalOnly",
+    "QFedAvg",
     "SourceFedAvg",
     "build_strategy",
     "list_strategies",

@@ -15,7 +15,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -100,9 +108,7 @@ class SourceFedAvg(FedAvg):
             out[K.PROXIMAL_MU] = float(self.proximal_mu)
         return out
 
-    def aggregate_updates(
-        self, server_round: int, replies: list[Message]
-    ) -> ArrayRecord | None:
+    def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         """FedAvg: the mean of the updates weighted by `num-examples`."""
         weights = [float(m.content[K.METRICS][K.NUM_EXAMPLES]) for m in replies]
         return weighted_average([m.content[K.ARRAYS] for m in replies], weights)
@@ -127,7 +133,9 @@ class SourceFedAvg(FedAvg):
         )
         for r in rejected:
             r["round"] = server_round
-            log.warning("round %d: rejected update from node %s: %s", server_round, r["node"], r["reason"])
+            log.warning(
+                "round %d: rejected update from node %s: %s", server_round, r["node"], r["reason"]
+            )
         self.rejected.extend(rejected)
         self.train_by_source = {
             int(m.content[K.METRICS][K.SOURCE_INDEX]): {

@@ -2,11 +2,13 @@
 
 Each round the server raises the weight lambda_k of the sources whose loss under the current global
 model (`loss-before`, measured by every client before it trains) is high, and mixes the updates
-with those weights, so the worst-served source improves (DESIGN.md section 4).
+with those weights, so the worst-served source improves (DESIGN.md section 4). The modes and their
+maths live in `server.strategy.dro_math` (registry `DRO_MODES`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,13 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from hdf import contract as K
 from server.strategy.base import SourceFedAvg, weighted_average
-from server.strategy.dro_math import DROSettings, update_lambda
+from server.strategy.dro_math import (
+    DROSettings,
+    get_mode,
+    round_seed,
+    sample_by_weight,
+    update_lambda,
+)
 
 
 class DRO(SourceFedAvg):
@@ -22,6 +30,19 @@ class DRO(SourceFedAvg):
 
     Every client **must** report `loss-before` (mean loss of the received model on a fixed
     sample of its training data, measured before local training) and `source-index`.
+
+    Modes (`dro_math.DRO_MODES`): ``eg`` exponentiated gradient (Group DRO), ``kl`` the KL-ball
+    closed form p * exp(L / tau), ``cvar`` the worst alpha-share of sources, ``afl`` projected
+    gradient ascent (AFL), ``drfa`` AFL's ascent with clients sampled by lambda (DRFA).
+
+    With sampling by lambda (DRFA), `fraction_train * K` sources are drawn with replacement in
+    proportion to lambda each round (seeded by the round), every online node of a drawn source
+    trains, and the update is the plain average over the draws (a source drawn twice counts
+    twice): an unbiased estimate of the lambda-mix, as in DRFA. lambda then moves on the losses
+    of the model the clients received measured on *every* source: the per-source validation
+    losses of the last evaluation (DRFA's uniformly sampled loss-reporting set, here all sources);
+    a source without one falls back to its `loss-before` if it trained. The losses of only the
+    sampled sources would be biased toward the sources lambda already favours.
 
     Parameters
     ----------
@@ -35,6 +56,8 @@ class DRO(SourceFedAvg):
         Training clips per source (needed for the "size" prior).
     server_lr : float (default: 1.0)
         The new model is old + server_lr * (mix - old).
+    sample_by_lambda : bool | None (default: None)
+        Sample clients by lambda (DRFA); None takes the mode's default (True for ``drfa``).
 
     The remaining keyword arguments are `SourceFedAvg`'s.
     """
@@ -47,42 +70,81 @@ class DRO(SourceFedAvg):
         prior: str = "uniform",
         source_sizes: dict[int, int] | None = None,
         server_lr: float = 1.0,
+        sample_by_lambda: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        spec = get_mode(mode)
         self.mode = mode
         self.settings = settings or DROSettings()
         self.server_lr = server_lr
+        self.sample_by_lambda = (
+            spec.sample_by_lambda if sample_by_lambda is None else bool(sample_by_lambda)
+        )
         self.prior = make_prior(prior, self.train_sources, source_sizes)
         self.lam = self.prior.copy()
+        k = len(self.train_sources)
+        self.loss_memory = np.full(k, np.nan)  # last loss-before of each source
+        self.eval_loss = np.full(k, np.nan)  # last validation loss of each source
+        self.draws: dict[int, int] = {}  # source -> times drawn this round (sampling by lambda)
 
-    def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
-        """Update lambda from the reported losses, then mix the updates by lambda."""
+    # ---- sampling by lambda (DRFA) ------------------------------------------------------------
+    def sample_training_nodes(self, server_round: int, nodes: list[int]) -> list[int]:
+        if not self.sample_by_lambda:
+            return super().sample_training_nodes(server_round, nodes)
+        m = max(1, round(self.fraction_train * len(self.train_sources)))
+        counts = sample_by_weight(self.lam, m, round_seed(self.seed, server_round))
+        self.draws = {s: int(c) for s, c in zip(self.train_sources, counts, strict=True) if c > 0}
+        return sorted(n for n in nodes if self.node_source.get(n) in self.draws)
+
+    # ---- aggregation ------------------------------------------------------------------------
+    def _losses(self, replies: list[Message]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-source `loss-before` this round (clip-weighted over a source's nodes) and mask."""
         idx = {s: i for i, s in enumerate(self.train_sources)}
         losses = np.zeros(len(self.train_sources))
         mask = np.zeros(len(self.train_sources), dtype=bool)
-        per_source: dict[int, list[Message]] = {}
-        for m in replies:
-            src = int(m.content[K.METRICS][K.SOURCE_INDEX])
-            per_source.setdefault(src, []).append(m)
-        for src, msgs in per_source.items():
+        for src, msgs in _by_source(replies).items():
             n = np.array([float(m.content[K.METRICS][K.NUM_EXAMPLES]) for m in msgs])
             lb = np.array([float(m.content[K.METRICS][K.LOSS_BEFORE]) for m in msgs])
             losses[idx[src]] = float((n * lb).sum() / n.sum())
             mask[idx[src]] = True
-        self.lam = update_lambda(self.mode, self.lam, losses, mask, self.prior, self.settings)
-        # Mix the participants by lambda (renormalised over those that replied); several
-        # nodes of one source share its weight by their number of clips.
-        records, weights = [], []
-        for src, msgs in per_source.items():
-            n = np.array([float(m.content[K.METRICS][K.NUM_EXAMPLES]) for m in msgs])
-            for m, share in zip(msgs, n / n.sum(), strict=True):
-                records.append(m.content[K.ARRAYS])
-                weights.append(self.lam[idx[src]] * share)
-        mixed = weighted_average(records, weights)
+        return losses, mask
+
+    def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
+        """Update lambda from the reported losses, then mix the updates by lambda."""
+        reported, mask = self._losses(replies)
+        if self.sample_by_lambda:
+            # DRFA: average over the draws (made with the current lambda), then move lambda on
+            # every source's last validation loss (this round's loss-before where there is none).
+            mixed = mix_by_source(replies, {s: float(c) for s, c in self.draws.items()})
+            known = np.isfinite(self.eval_loss)
+            self.lam = update_lambda(
+                self.mode,
+                self.lam,
+                np.where(known, self.eval_loss, reported),
+                known | mask,
+                self.prior,
+                self.settings,
+                self.loss_memory,
+            )
+        else:
+            self.lam = update_lambda(
+                self.mode, self.lam, reported, mask, self.prior, self.settings, self.loss_memory
+            )
+            mixed = mix_by_source(replies, dict(zip(self.train_sources, self.lam, strict=True)))
+        self.loss_memory = np.where(mask, reported, self.loss_memory)
         if self.server_lr == 1.0 or self.current_arrays is None:
             return mixed
         return interpolate(self.current_arrays, mixed, self.server_lr)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        out = super().aggregate_evaluate(server_round, replies)
+        for i, s in enumerate(self.train_sources):
+            if s in self.eval_by_source:
+                self.eval_loss[i] = float(self.eval_by_source[s][K.LOSS])
+        return out
 
     def train_summary(self) -> MetricRecord:
         out = super().train_summary()
@@ -92,12 +154,49 @@ class DRO(SourceFedAvg):
     def weights_by_source(self) -> dict[int, float]:
         return {s: float(w) for s, w in zip(self.train_sources, self.lam, strict=True)}
 
+    # ---- checkpointed state -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"lambda": {int(s): float(w) for s, w in zip(self.train_sources, self.lam, strict=True)}}
+        def by_source(v: np.ndarray) -> dict[int, float]:
+            return {int(s): float(x) for s, x in zip(self.train_sources, v, strict=True)}
+
+        return {
+            "lambda": by_source(self.lam),
+            "loss_memory": by_source(self.loss_memory),
+            "eval_loss": by_source(self.eval_loss),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        lam = state["lambda"]
-        self.lam = np.array([float(lam[s]) for s in self.train_sources])
+        def vec(d: dict[int, float] | None) -> np.ndarray:
+            if d is None:
+                return np.full(len(self.train_sources), np.nan)
+            return np.array([float(d.get(s, np.nan)) for s in self.train_sources])
+
+        self.lam = vec(state["lambda"])
+        self.loss_memory = vec(state.get("loss_memory"))
+        self.eval_loss = vec(state.get("eval_loss"))
+
+
+def _by_source(replies: list[Message]) -> dict[int, list[Message]]:
+    out: dict[int, list[Message]] = {}
+    for m in replies:
+        out.setdefault(int(m.content[K.METRICS][K.SOURCE_INDEX]), []).append(m)
+    return out
+
+
+def mix_by_source(replies: list[Message], source_weight: dict[int, float]) -> ArrayRecord:
+    """Mix updates with a weight per source, renormalised over the sources that replied.
+
+    Several nodes serving one source share its weight in proportion to their clips.
+    """
+    records, weights = [], []
+    for src, msgs in _by_source(replies).items():
+        n = np.array([float(m.content[K.METRICS][K.NUM_EXAMPLES]) for m in msgs])
+        for m, share in zip(msgs, n / n.sum(), strict=True):
+            records.append(m.content[K.ARRAYS])
+            weights.append(source_weight.get(src, 0.0) * share)
+    if sum(weights) <= 0:  # every replier has weight 0 (e.g. a source lambda drove to 0)
+        weights = [1.0] * len(records)
+    return weighted_average(records, weights)
 
 
 def make_prior(kind: str, sources: list[int], sizes: dict[int, int] | None) -> np.ndarray:

@@ -3,12 +3,18 @@
 lambda is a point of the capped simplex {lambda_k >= 0, sum lambda = 1, lambda_k <= cap}; every
 function takes and returns arrays aligned with the strategy's ordered list of training sources.
 No Flower import: these are tested by hand computation (tests/test_dro_math.py).
+
+One DRO update (`update_lambda`) is: clip the reported losses, fill the losses of silent sources
+from memory when the mode needs every source's loss, take the mode's step, mix toward the prior
+(lambda <- (1 - eps) lambda + eps p), then project onto the capped simplex (KL projection for the
+multiplicative modes, Euclidean for the projected-gradient ones).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -25,6 +31,12 @@ class DROSettings:
     alpha: float = 0.5  # CVaR: share of sources counted as the worst
 
 
+# ---- projections ----------------------------------------------------------------------------
+def _check_cap(k: int, cap: float) -> None:
+    if cap * k < 1.0 - 1e-12:
+        raise ValueError(f"cap {cap} is below 1/K = {1.0 / k:.4f}: no weighting can satisfy it")
+
+
 def project_capped_simplex(w: np.ndarray, cap: float) -> np.ndarray:
     """Nearest point in KL divergence of the capped simplex to positive weights `w`.
 
@@ -35,8 +47,7 @@ def project_capped_simplex(w: np.ndarray, cap: float) -> np.ndarray:
     k = len(w)
     if k == 0:
         return w
-    if cap * k < 1.0 - 1e-12:
-        raise ValueError(f"cap {cap} is below 1/K = {1.0 / k:.4f}: no weighting can satisfy it")
+    _check_cap(k, cap)
     w = np.clip(w, 0.0, None)
     if w.sum() <= 0:
         w = np.ones(k)
@@ -56,6 +67,38 @@ def project_capped_simplex(w: np.ndarray, cap: float) -> np.ndarray:
     return np.minimum(out, cap)
 
 
+def project_capped_simplex_euclid(v: np.ndarray, cap: float) -> np.ndarray:
+    """Euclidean projection of any real vector `v` onto the capped simplex.
+
+    The minimiser of ||x - v||^2 over {0 <= x_k <= cap, sum x = 1} is x_k = clip(v_k - theta, 0,
+    cap) for the one theta where the sum is 1 (KKT conditions). The sum is piecewise linear and
+    non-increasing in theta with kinks at v_k - cap and v_k, so theta is found exactly by sorting
+    the kinks and interpolating on the segment that crosses 1. With cap = 1 this is the usual
+    simplex projection (AFL, DRFA).
+    """
+    v = np.asarray(v, dtype=np.float64)
+    k = len(v)
+    if k == 0:
+        return v
+    _check_cap(k, cap)
+    cap = min(cap, 1.0)
+
+    def total(theta: float) -> float:
+        return float(np.clip(v - theta, 0.0, cap).sum())
+
+    kinks = np.sort(np.concatenate([v - cap, v]))
+    # total() is k*cap >= 1 at the first kink and 0 at the last: find the segment crossing 1.
+    lo, hi = kinks[0], kinks[-1]
+    for a, b in pairwise(kinks):
+        if total(a) >= 1.0 >= total(b):
+            lo, hi = a, b
+            break
+    t_lo, t_hi = total(lo), total(hi)
+    theta = lo if t_lo == t_hi else lo + (t_lo - 1.0) * (hi - lo) / (t_lo - t_hi)
+    x = np.clip(v - theta, 0.0, cap)
+    return x / x.sum()  # removes rounding error only
+
+
 def mix_prior(lam: np.ndarray, prior: np.ndarray, eps: float) -> np.ndarray:
     """lambda <- (1 - eps) * lambda + eps * prior: keeps every source in play."""
     return (1.0 - eps) * lam + eps * prior
@@ -66,7 +109,20 @@ def clip_losses(losses: np.ndarray, bound: float) -> np.ndarray:
     return np.clip(losses, 0.0, bound)
 
 
-def eg_step(lam: np.ndarray, losses: np.ndarray, mask: np.ndarray, s: DROSettings) -> np.ndarray:
+def fill_losses(losses: np.ndarray, mask: np.ndarray, memory: np.ndarray | None) -> np.ndarray:
+    """Every source's loss: this round's where reported, else the last known one (`memory`,
+    NaN for never), else the mean of the known ones (no evidence either way)."""
+    out = np.where(mask, losses, np.nan if memory is None else memory).astype(np.float64)
+    known = np.isfinite(out)
+    if not known.any():
+        return np.zeros_like(out)
+    return np.where(known, out, out[known].mean())
+
+
+# ---- the modes: (lam, losses, mask, prior, settings) -> lambda before mixing and projection --
+def eg_step(
+    lam: np.ndarray, losses: np.ndarray, mask: np.ndarray, prior: np.ndarray, s: DROSettings
+) -> np.ndarray:
     """Exponentiated gradient (Group DRO): lambda_k <- lambda_k * exp(eta * loss_k), normalised.
 
     Only sources that reported this round (`mask`) move; the others keep their relative weight.
@@ -76,9 +132,90 @@ def eg_step(lam: np.ndarray, losses: np.ndarray, mask: np.ndarray, s: DROSetting
     return w / w.sum()
 
 
-DROStep = Callable[[np.ndarray, np.ndarray, np.ndarray, DROSettings], np.ndarray]
+def kl_step(
+    lam: np.ndarray, losses: np.ndarray, mask: np.ndarray, prior: np.ndarray, s: DROSettings
+) -> np.ndarray:
+    """KL-regularised worst case: argmax_q sum q_k L_k - tau KL(q || p) = p * exp(L / tau) / Z.
 
-DRO_MODES: dict[str, DROStep] = {"eg": eg_step}
+    A closed form of the current losses, not of lambda: every source needs a loss, so the
+    strategy passes silent sources' last known loss (`fill_losses`).
+    """
+    logits = np.log(np.maximum(prior, 1e-300)) + losses / s.tau
+    w = np.exp(logits - logits.max())
+    return w / w.sum()
+
+
+def cvar_step(
+    lam: np.ndarray, losses: np.ndarray, mask: np.ndarray, prior: np.ndarray, s: DROSettings
+) -> np.ndarray:
+    """CVaR_alpha: the worst alpha-share of the prior mass, each source at most p_k / alpha.
+
+    Sources sorted by loss (worst first; ties by index) take p_k / alpha until the mass is 1; the
+    last one takes the remainder (fractional at the boundary). Uniform prior: 1/(alpha K) on the
+    worst floor(alpha K) sources and the rest on the next. Closed form like `kl_step`.
+    """
+    if not 0.0 < s.alpha <= 1.0:
+        raise ValueError(f"CVaR alpha must be in (0, 1], got {s.alpha}")
+    order = np.argsort(-losses, kind="stable")
+    out = np.zeros(len(losses))
+    rest = 1.0
+    for k in order:
+        take = min(prior[k] / s.alpha, rest)
+        out[k] = take
+        rest -= take
+        if rest <= 1e-15:
+            break
+    return out / out.sum()
+
+
+def afl_step(
+    lam: np.ndarray, losses: np.ndarray, mask: np.ndarray, prior: np.ndarray, s: DROSettings
+) -> np.ndarray:
+    """AFL projected gradient ascent: lambda + eta * loss, Euclidean-projected onto the capped
+    simplex (the gradient of sum lambda_k L_k in lambda is L; silent sources get 0)."""
+    return project_capped_simplex_euclid(lam + s.eta * np.where(mask, losses, 0.0), s.cap)
+
+
+DROStep = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, DROSettings], np.ndarray]
+
+
+@dataclass(frozen=True)
+class DROMode:
+    """One registered lambda update.
+
+    step : the pure update (lam, losses, mask, prior, settings) -> lambda on the simplex.
+    closed_form : the step needs every source's loss; silent ones come from the loss memory.
+    projection : "kl" (rescale, for multiplicative steps) or "euclid" (for additive steps).
+    sample_by_lambda : clients are sampled proportionally to lambda and averaged uniformly (DRFA).
+    """
+
+    step: DROStep
+    closed_form: bool = False
+    projection: str = "kl"
+    sample_by_lambda: bool = False
+
+
+DRO_MODES: dict[str, DROMode] = {}
+
+
+def register_mode(name: str, mode: DROMode) -> None:
+    if name in DRO_MODES:
+        raise ValueError(f"DRO mode {name!r} registered twice")
+    DRO_MODES[name] = mode
+
+
+register_mode("eg", DROMode(eg_step))
+register_mode("kl", DROMode(kl_step, closed_form=True))
+register_mode("cvar", DROMode(cvar_step, closed_form=True))
+register_mode("afl", DROMode(afl_step, projection="euclid"))
+# DRFA: AFL's projected ascent on lambda, clients sampled by lambda (Deng et al. 2020, Alg. 1).
+register_mode("drfa", DROMode(afl_step, projection="euclid", sample_by_lambda=True))
+
+
+def get_mode(mode: str) -> DROMode:
+    if mode not in DRO_MODES:
+        raise ValueError(f"unknown DRO mode {mode!r}; known modes: {sorted(DRO_MODES)}")
+    return DRO_MODES[mode]
 
 
 def update_lambda(
@@ -88,9 +225,101 @@ def update_lambda(
     mask: np.ndarray,
     prior: np.ndarray,
     s: DROSettings,
+    memory: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One DRO update: mode step on clipped losses, prior mixing, then the capped projection."""
-    if mode not in DRO_MODES:
-        raise ValueError(f"unknown DRO mode {mode!r}; known modes: {sorted(DRO_MODES)}")
-    step = DRO_MODES[mode](lam, clip_losses(losses, s.loss_clip), mask, s)
-    return project_capped_simplex(mix_prior(step, prior, s.eps), s.cap)
+    """One DRO update: mode step on clipped losses, prior mixing, then the capped projection.
+
+    `mask` marks the sources that reported this round; `memory` holds the last known loss of
+    every source (NaN for never) and is used by the closed-form modes only.
+    """
+    m = get_mode(mode)
+    losses = clip_losses(np.asarray(losses, dtype=np.float64), s.loss_clip)
+    mask = np.asarray(mask, dtype=bool)
+    if m.closed_form:
+        mem = None if memory is None else clip_losses(np.asarray(memory, np.float64), s.loss_clip)
+        losses = fill_losses(losses, mask, mem)
+        mask = np.ones_like(mask)
+    elif not mask.any():
+        return np.asarray(lam, dtype=np.float64).copy()  # nothing reported: nothing moves
+    step = m.step(np.asarray(lam, dtype=np.float64), losses, mask, prior, s)
+    mixed = mix_prior(step, prior, s.eps)
+    if m.projection == "euclid":
+        return project_capped_simplex_euclid(mixed, s.cap)
+    return project_capped_simplex(mixed, s.cap)
+
+
+def sample_by_weight(weights: np.ndarray, draws: int, seed: int) -> np.ndarray:
+    """Counts of `draws` samples with replacement from `weights` (DRFA's client sampling).
+
+    A uniform average over the draws weights source k by count_k / draws, whose expectation is
+    lambda_k: the sampled average is an unbiased estimate of the lambda-weighted mix.
+    """
+    p = np.asarray(weights, dtype=np.float64)
+    p = p / p.sum()
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(draws, p)
+
+
+def round_seed(seed: int, server_round: int) -> int:
+    """A per-round seed: the same round of the same run samples the same way after a resume."""
+    return (seed * 1_000_003 + server_round * 7919) % (2**32)
+
+
+# ---- baselines' aggregation weights -------------------------------------------------------------
+def qffl_weights(losses: np.ndarray, q: float) -> np.ndarray:
+    """q-FFL's effective relative weight of each client in the numerator: F_k^q, normalised."""
+    w = np.float_power(np.asarray(losses, np.float64) + 1e-10, q)
+    return w / w.sum()
+
+
+def feddg_ga_step(
+    weights: np.ndarray,
+    gaps: np.ndarray,
+    mask: np.ndarray,
+    step: float,
+    signal: float = 1.0,
+) -> np.ndarray:
+    """FedDG-GA generalization adjustment (Zhang et al. 2023, paper form as in FL4Health).
+
+    G~_k = step * (G_k - mean G) / max_j |G_j - mean G| over the sources that reported
+    (`mask`); a_k <- clip(a_k + signal * G~_k, 0, 1) (signal +1 for a loss gap, -1 for an
+    accuracy gap); a <- a / sum a. A source whose gap is larger than the others' gains weight.
+    Sources without a gap this round keep their weight before renormalisation.
+    """
+    a = np.asarray(weights, dtype=np.float64).copy()
+    mask = np.asarray(mask, dtype=bool)
+    if mask.sum() >= 1:
+        g = np.asarray(gaps, dtype=np.float64)[mask]
+        centred = g - g.mean()
+        top = np.abs(centred).max()
+        if top > 0:
+            a[mask] = np.clip(a[mask] + signal * step * centred / top, 0.0, 1.0)
+    if a.sum() <= 0:
+        a = np.ones_like(a)
+    return a / a.sum()
+
+
+def linear_decay(step: float, server_round: int, num_rounds: int) -> float:
+    """d^r = d * (1 - r / R): FedDG-GA's step size shrinks linearly to 0 at the last round."""
+    if num_rounds <= 0:
+        return step
+    return step * max(0.0, 1.0 - (server_round - 1) / num_rounds)
+
+
+__all__ = [
+    "DRO_MODES",
+    "DROMode",
+    "DROSettings",
+    "afl_step",
+    "cvar_step",
+    "eg_step",
+    "feddg_ga_step",
+    "fill_losses",
+    "kl_step",
+    "linear_decay",
+    "project_capped_simplex",
+    "project_capped_simplex_euclid",
+    "qffl_weights",
+    "sample_by_weight",
+    "update_lambda",
+]

@@ -1,0 +1,96 @@
+"""Federated Domain Generalization with Generalization Adjustment [Zhang et al., CVPR 2023].
+
+Paper: https://openaccess.thecvf.com/content/CVPR2023/papers/Zhang_Federated_Domain_Generalization_With_Generalization_Adjustment_CVPR_2023_paper.pdf
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from hdf import contract as K
+from server.strategy.base import SourceFedAvg
+from server.strategy.dro import mix_by_source
+from server.strategy.dro_math import feddg_ga_step, linear_decay
+
+
+class FedDGGA(SourceFedAvg):
+    """FedAvg whose per-source weights follow each source's generalization gap.
+
+    Implementation based on the paper's update as FL4Health writes it (mean-centred gap,
+    step d * (1 - r / R), clip to [0, 1], renormalise), on losses (signal +1).
+
+    Gap of source k after round r: G_k = L_k(global model after aggregation) - L_k(k's own local
+    model before aggregation). "After" is the source's validation loss from the round's
+    federated evaluation (`eval_by_source`). "Before" should be the local model's loss on the
+    same split: a client that reports `local-val-loss` is used as such; otherwise its
+    `train-loss` (the local model's loss during local training) stands in. Only relative gaps
+    matter (the update is mean-centred and scaled by the largest), so a common offset between
+    the two losses cancels. The new weights apply from the next round; sources without both
+    numbers this round keep their weight.
+
+    Parameters
+    ----------
+    step : float (default: 0.2)
+        The step size d (the paper's default).
+    num_rounds : int (default: 0)
+        R for the linear decay of d; 0 keeps d constant.
+
+    The remaining keyword arguments are `SourceFedAvg`'s.
+    """
+
+    def __init__(self, *, step: float = 0.2, num_rounds: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.step = float(step)
+        self.num_rounds = int(num_rounds)
+        self.weights = np.full(len(self.train_sources), 1.0 / len(self.train_sources))
+        self.local_loss: dict[int, float] = {}  # source -> loss of its local model this round
+        self.gaps: dict[int, float] = {}
+
+    def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
+        """Mix by the current weights; remember each local model's loss for the gap."""
+        self.local_loss = {}
+        for m in replies:
+            mr = m.content[K.METRICS]
+            before = mr.get(K.LOCAL_VAL_LOSS, mr[K.TRAIN_LOSS])
+            self.local_loss[int(mr[K.SOURCE_INDEX])] = float(before)
+        return mix_by_source(replies, dict(zip(self.train_sources, self.weights, strict=True)))
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Score the aggregated model per source, then adjust the weights by the gaps."""
+        out = super().aggregate_evaluate(server_round, replies)
+        if server_round < 1 or not self.local_loss:
+            return out
+        gaps = np.zeros(len(self.train_sources))
+        mask = np.zeros(len(self.train_sources), dtype=bool)
+        self.gaps = {}
+        for i, s in enumerate(self.train_sources):
+            if s in self.local_loss and s in self.eval_by_source:
+                gaps[i] = float(self.eval_by_source[s][K.LOSS]) - self.local_loss[s]
+                mask[i] = True
+                self.gaps[s] = gaps[i]
+        d = linear_decay(self.step, server_round, self.num_rounds)
+        self.weights = feddg_ga_step(self.weights, gaps, mask, d, signal=1.0)
+        self.local_loss = {}
+        return out
+
+    def weights_by_source(self) -> dict[int, float]:
+        return {s: float(w) for s, w in zip(self.train_sources, self.weights, strict=True)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "weights": {
+                int(s): float(w) for s, w in zip(self.train_sources, self.weights, strict=True)
+            },
+            "local_loss": dict(self.local_loss),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        w = state["weights"]
+        self.weights = np.array([float(w[s]) for s in self.train_sources])
+        self.local_loss = {int(k): float(v) for k, v in state.get("local_loss", {}).items()}

@@ -1,0 +1,109 @@
+"""Local-only training: every source trains its own model and nothing is averaged (baseline)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from hdf import contract as K
+from server.strategy.base import SourceFedAvg, weighted_average
+
+
+class LocalOnly(SourceFedAvg):
+    """Each source's model is trained on that source alone; the server only relays.
+
+    The server keeps one ArrayRecord per training source (all start from the same initial
+    model) and sends every node its own source's model, for training and for validation, so
+    the in-distribution numbers are each site's own model on its own data.
+
+    The global model (what held-out sources are scored on, and what the checkpoint calls
+    "model") is the uniform average of the local models, a model soup: one site, one vote,
+    whatever its size. Averaging independently trained models from a shared start is a weak
+    model, which is the point of the baseline (what a site gets without federation); the
+    per-site models themselves live in the strategy state.
+
+    Takes `SourceFedAvg`'s parameters.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.local: dict[int, ArrayRecord] = {}
+
+    def _arrays_for(self, node: int, default: ArrayRecord) -> ArrayRecord:
+        src = self.node_source.get(node)
+        if src is None or node in self.heldout_nodes:
+            return default
+        return self.local.get(src, default)
+
+    def _messages(
+        self, nodes: list[int], default: ArrayRecord, config: ConfigRecord, kind: str
+    ) -> list[Message]:
+        return [
+            Message(
+                content=RecordDict({K.ARRAYS: self._arrays_for(n, default), K.CONFIG: config}),
+                message_type=kind,
+                dst_node_id=n,
+            )
+            for n in nodes
+        ]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send every sampled node its own source's model."""
+        self.current_arrays = arrays
+        if self.fraction_train == 0.0:
+            return []
+        nodes = self.sample_training_nodes(server_round, self.training_nodes(grid))
+        cfg = self.train_config(server_round, config)
+        return self._messages(nodes, arrays, cfg, MessageType.TRAIN)
+
+    def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
+        """Keep each source's update as its model; the global model is their uniform soup."""
+        by_source: dict[int, list[Message]] = {}
+        for m in replies:
+            by_source.setdefault(int(m.content[K.METRICS][K.SOURCE_INDEX]), []).append(m)
+        for src, msgs in by_source.items():
+            n = [float(m.content[K.METRICS][K.NUM_EXAMPLES]) for m in msgs]
+            self.local[src] = (
+                msgs[0].content[K.ARRAYS]
+                if len(msgs) == 1
+                else weighted_average([m.content[K.ARRAYS] for m in msgs], n)
+            )
+        models = list(self.local.values())
+        return weighted_average(models, [1.0] * len(models))
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Training nodes score their own model; held-out nodes score the soup."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        online = set(grid.get_node_ids())
+        nodes = sorted(n for n in self.node_source if n in online)
+        cfg = ConfigRecord(dict(config))
+        cfg[K.SERVER_ROUND] = server_round
+        return self._messages(nodes, arrays, cfg, MessageType.EVALUATE)
+
+    def weights_by_source(self) -> dict[int, float]:
+        """The soup's weights: uniform over the sources that have a model."""
+        have = [s for s in self.train_sources if s in self.local] or self.train_sources
+        return {s: (1.0 / len(have) if s in have else 0.0) for s in self.train_sources}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "local": {
+                int(s): {k: np.array(a.numpy(), copy=True) for k, a in rec.items()}
+                for s, rec in self.local.items()
+            }
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.local = {
+            int(s): ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+            for s, arrays in state.get("local", {}).items()
+        }

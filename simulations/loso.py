@@ -1,0 +1,447 @@
+"""Leave-one-source-out sweeps: one federation per held-out source x strategy x seed, one report.
+
+    python -m simulations.loso                                   # every source, fedavg and dro
+    python -m simulations.loso experiment=loso_quick             # the sized comparison preset
+    python -m simulations.loso loso.strategies=[fedavg,dro,centralized,local] loso.seeds=[0,1,2]
+    python -m simulations.loso loso.heldout=[phone,cctv] rounds=5
+
+`loso.*` settings choose the sweep (they may also sit in an experiment file under `loso:`); every
+other override is passed to each run. `loso.strategies` names files of `conf/strategy/`, plus
+`centralized` (the pooled baseline, `simulations.centralized`).
+
+Runs go one after another, each in its own process (a fresh Ray and a fresh ClientApp cache), its
+output captured in `<run>/log.txt`. The sweep folder is named by a hash of the run overrides (not
+of the `loso.*` lists, so adding a strategy or a seed reuses what is done) and each run folder by a
+hash of its own overrides (DomainBed's sweep.py): a re-run skips runs with a `done` marker and
+resumes a run that died from its checkpoint. The sweep folder gets report.md, plots and
+summary.json; its path is the last line printed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from omegaconf import OmegaConf
+
+from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, DONE_FILE, METRICS_FILE
+from simulations.config import compose
+
+LOSO_DEFAULTS: dict[str, Any] = {
+    "strategies": ["fedavg", "dro"],  # conf/strategy file names, or "centralized"
+    "seeds": [0],
+    "heldout": None,  # null = every source of the data config, one at a time
+    "root": None,  # null = <output.root>/loso
+}
+CENTRALIZED = "centralized"
+RUN_INFO = "loso.json"
+LOG_FILE = "log.txt"
+
+
+def _hash(items: Sequence[str], n: int = 10) -> str:
+    return hashlib.sha1(json.dumps(list(items)).encode()).hexdigest()[:n]
+
+
+@dataclass
+class RunSpec:
+    """One federation of the sweep."""
+
+    strategy: str
+    heldout: str
+    seed: int
+    overrides: list[str]
+    path: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.path / DONE_FILE).exists()
+
+
+@dataclass
+class Sweep:
+    path: Path
+    base: list[str]
+    strategies: list[str]
+    seeds: list[int]
+    heldout: list[str]
+    runs: list[RunSpec] = field(default_factory=list)
+
+
+def split_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """(`loso.*` settings given on the command line, every other override)."""
+    loso = [a for a in argv if a.startswith("loso.")]
+    rest = [a for a in argv if not a.startswith("loso.")]
+    given = OmegaConf.to_container(OmegaConf.from_dotlist(loso)) if loso else {}
+    assert isinstance(given, dict)
+    return dict(given.get("loso", {})), rest
+
+
+def plan(argv: Sequence[str]) -> Sweep:
+    """The sweep's folder and its runs (nothing is run or written)."""
+    given, base = split_args(argv)
+    cfg = compose(base)
+    preset = cfg.get("loso")
+    preset = OmegaConf.to_container(preset) if preset is not None else {}
+    settings = {**LOSO_DEFAULTS, **dict(preset), **given}
+    unknown = set(settings) - set(LOSO_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown loso settings {sorted(unknown)}; known: {sorted(LOSO_DEFAULTS)}")
+    from hdf.data import build_sources
+
+    names = [s.name for s in build_sources(cfg.data)]
+    heldout = list(settings["heldout"] or names)
+    for h in heldout:
+        if h not in names:
+            raise ValueError(
+                f"loso.heldout names {h!r}, not a source of data={cfg.data.name}: {names}"
+            )
+    strategies = [str(s) for s in settings["strategies"]]
+    known = {p.stem for p in (Path(__file__).parent / "conf" / "strategy").glob("*.yaml")}
+    for s in strategies:
+        if s not in known | {CENTRALIZED}:
+            raise ValueError(f"unknown strategy {s!r}; known: {sorted(known | {CENTRALIZED})}")
+    root = Path(settings["root"] or Path(str(cfg.output.root)) / "loso")
+    sweep = Sweep(
+        root / f"loso-{_hash(base)}", base, strategies, [int(x) for x in settings["seeds"]], heldout
+    )
+    for h in heldout:
+        for strategy in strategies:
+            for seed in sweep.seeds:
+                own = [f"data.heldout=[{h}]", f"seed={seed}", f"name=loso-{strategy}-{h}-s{seed}"]
+                if strategy != CENTRALIZED:
+                    own.insert(0, f"strategy={strategy}")
+                overrides = [*base, *own]
+                folder = f"{strategy}-{h}-s{seed}-{_hash([strategy, *overrides], 8)}"
+                sweep.runs.append(
+                    RunSpec(strategy, h, seed, overrides, sweep.path / "runs" / folder)
+                )
+    return sweep
+
+
+# ---- running ------------------------------------------------------------------------------------
+def launch_subprocess(run: RunSpec) -> int:
+    """Run one federation (or the centralized baseline) in a fresh process; log to log.txt."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.loso",
+        "--worker",
+        run.strategy,
+        str(run.path),
+        *run.overrides,
+    ]
+    with open(run.path / LOG_FILE, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.run(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), check=False
+        )
+    return proc.returncode
+
+
+def worker(strategy: str, run_dir: str, overrides: list[str]) -> int:
+    """Inside the child process: run (or resume) one run into `run_dir`."""
+    from server.app import open_run, resolve_resume
+    from server.outputs import RunFolder
+
+    path = Path(run_dir)
+    if strategy == CENTRALIZED:
+        from simulations.centralized import train_centralized
+
+        (path / METRICS_FILE).unlink(missing_ok=True)  # no checkpoint: start over
+        train_centralized(compose(overrides), RunFolder(path))
+        return 0
+    from simulations.run import simulate
+
+    if (path / CHECKPOINT_FILE).exists() and (path / CONFIG_FILE).exists():
+        cfg = resolve_resume(compose([*overrides, f"resume={path}"]))
+    else:
+        (path / METRICS_FILE).unlink(missing_ok=True)  # rows of a run that died before round 0
+        cfg = compose(overrides)
+    run = open_run(cfg, str(path))
+    simulate(cfg, run)
+    return 0
+
+
+def run_sweep(sweep: Sweep, launcher: Callable[[RunSpec], int] = launch_subprocess) -> None:
+    sweep.path.mkdir(parents=True, exist_ok=True)
+    info = {
+        "overrides": sweep.base,
+        "strategies": sweep.strategies,
+        "seeds": sweep.seeds,
+        "heldout": sweep.heldout,
+    }
+    (sweep.path / "sweep.json").write_text(json.dumps(info, indent=2) + "\n")
+    todo = [r for r in sweep.runs if not r.done]
+    print(
+        f"sweep {sweep.path}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} done",
+        flush=True,
+    )
+    for i, run in enumerate(todo, 1):
+        run.path.mkdir(parents=True, exist_ok=True)
+        print(
+            f"[{i}/{len(todo)}] {run.strategy} held-out {run.heldout} seed {run.seed} -> "
+            f"{run.path}",
+            flush=True,
+        )
+        t0 = time.monotonic()
+        rc = launcher(run)
+        wall = time.monotonic() - t0
+        status = (
+            "done" if rc == 0 and run.done else f"FAILED (exit {rc}; see {run.path / LOG_FILE})"
+        )
+        print(f"    {status} in {wall:.0f}s", flush=True)
+        info = {
+            "strategy": run.strategy,
+            "heldout": run.heldout,
+            "seed": run.seed,
+            "overrides": run.overrides,
+            "wall_s": wall,
+            "returncode": rc,
+        }
+        (run.path / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+# ---- collecting ---------------------------------------------------------------------------
+def _rows(run: RunSpec) -> list[dict[str, Any]]:
+    f = run.path / METRICS_FILE
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return float(np.mean(xs)), float(np.std(xs))  # population std: 0 with one seed
+
+
+def summarize(sweep: Sweep) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(summary.json content, details for the report) from the finished runs' last rows.
+
+    Per strategy and held-out source: UAR and WAR of the last round's global model on the source's
+    test split, mean and (population) std over seeds. mean_heldout_uar / worst_heldout_uar: mean
+    and min over held-out sources of those means. worst_train_uar: the worst training source's
+    validation UAR in each run's last round, averaged over that strategy's runs.
+    """
+    summary: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    for strategy in sweep.strategies:
+        runs = [r for r in sweep.runs if r.strategy == strategy and r.done]
+        held: dict[str, Any] = {}
+        worst_train, train_by_source, seconds = [], {}, []
+        for h in sweep.heldout:
+            last = [_rows(r)[-1] for r in runs if r.heldout == h and _rows(r)]
+            last = [x for x in last if h in x.get("heldout", {})]
+            if not last:
+                continue
+            um, us = _mean_std([x["heldout"][h]["uar"] for x in last])
+            wm, ws = _mean_std([x["heldout"][h]["war"] for x in last])
+            held[h] = {"uar_mean": um, "uar_std": us, "war_mean": wm, "war_std": ws}
+        for r in runs:
+            rows = _rows(r)
+            if not rows:
+                continue
+            info = r.path / RUN_INFO
+            if info.exists():
+                seconds.append(float(json.loads(info.read_text()).get("wall_s", 0.0)))
+            train = rows[-1].get("train", {})
+            if train:
+                worst_train.append(min(v["uar"] for v in train.values()))
+                for name, v in train.items():
+                    train_by_source.setdefault(name, []).append(v["uar"])
+        if not held:
+            continue
+        means = [v["uar_mean"] for v in held.values()]
+        summary[strategy] = {
+            "heldout": held,
+            "mean_heldout_uar": float(np.mean(means)),
+            "worst_heldout_uar": float(np.min(means)),
+            "worst_train_uar": float(np.mean(worst_train)) if worst_train else None,
+        }
+        details[strategy] = {
+            "runs": len(runs),
+            "train_by_source": {k: float(np.mean(v)) for k, v in train_by_source.items()},
+            "wall_seconds": float(np.sum(seconds)),
+        }
+    return summary, details
+
+
+# ---- plots and report ----------------------------------------------------------------------
+def _first_done(sweep: Sweep, strategy: str) -> RunSpec | None:
+    return next((r for r in sweep.runs if r.strategy == strategy and r.done), None)
+
+
+def plot_lambda(run: RunSpec, path: Path) -> None:
+    rows = _rows(run)
+    names = sorted({n for row in rows for n in row.get("lambda", {})})
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for n in names:
+        pts = [(row["round"], row["lambda"][n]) for row in rows if n in row.get("lambda", {})]
+        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=n)
+    ax.set_xlabel("round")
+    ax.set_ylabel("lambda")
+    ax.set_title(
+        f"{run.strategy}: weight per source (held out: {run.heldout}, seed {run.seed})", fontsize=9
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_heldout_uar(sweep: Sweep, path: Path) -> None:
+    """One panel per held-out source: its UAR over rounds, one line per strategy (seed mean)."""
+    n = len(sweep.heldout)
+    cols = min(3, n)
+    rows_n = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+    for ax, h in zip(axes.flat, sweep.heldout, strict=False):
+        for strategy in sweep.strategies:
+            series: dict[int, list[float]] = {}
+            for r in sweep.runs:
+                if r.strategy == strategy and r.heldout == h and r.done:
+                    for row in _rows(r):
+                        if h in row.get("heldout", {}):
+                            series.setdefault(row["round"], []).append(row["heldout"][h]["uar"])
+            if series:
+                xs = sorted(series)
+                ax.plot(xs, [np.mean(series[x]) for x in xs], marker="o", ms=3, label=strategy)
+        ax.set_title(f"held out: {h}", fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylabel("UAR")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def write_report(sweep: Sweep) -> Path:
+    """report.md, plots and summary.json in the sweep folder; returns the report's path."""
+    from server.report import plot_confusion
+
+    summary, details = summarize(sweep)
+    (sweep.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    done = sum(r.done for r in sweep.runs)
+    lines = [
+        f"# Leave-one-source-out report: {sweep.path.name}",
+        "",
+        f"Overrides: `{' '.join(sweep.base) or '(defaults)'}`; strategies {sweep.strategies}; "
+        f"seeds {sweep.seeds}; held-out sources {sweep.heldout}; {done}/{len(sweep.runs)} runs "
+        "done.",
+        "",
+        "Numbers are UAR / WAR in % of the last round's model, mean ± std over seeds. Held-out: "
+        "the held-out source's test split. In-distribution: each training source's validation "
+        "split; worst = the worst training source of each run, averaged over runs.",
+        "",
+        "## Held-out sources",
+        "",
+        "| strategy | " + " | ".join(sweep.heldout) + " | mean UAR | worst UAR |",
+        "|---" * (len(sweep.heldout) + 3) + "|",
+    ]
+    for strategy in sweep.strategies:
+        if strategy not in summary:
+            lines.append(f"| {strategy} | " + " | ".join("-" for _ in sweep.heldout) + " | - | - |")
+            continue
+        s = summary[strategy]
+        cells = []
+        for h in sweep.heldout:
+            v = s["heldout"].get(h)
+            cells.append(
+                "-"
+                if v is None
+                else f"{_pct(v['uar_mean'])} ± {_pct(v['uar_std'])} / "
+                f"{_pct(v['war_mean'])} ± {_pct(v['war_std'])}"
+            )
+        lines.append(
+            f"| {strategy} | " + " | ".join(cells) + f" | {_pct(s['mean_heldout_uar'])} "
+            f"| {_pct(s['worst_heldout_uar'])} |"
+        )
+    sources = sorted({n for d in details.values() for n in d["train_by_source"]})
+    lines += [
+        "",
+        "## In-distribution (validation UAR of training sources)",
+        "",
+        "| strategy | " + " | ".join(sources) + " | worst | runs | wall time (s) |",
+        "|---" * (len(sources) + 4) + "|",
+    ]
+    for strategy, d in details.items():
+        cells = [_pct(d["train_by_source"].get(n)) for n in sources]
+        lines.append(
+            f"| {strategy} | "
+            + " | ".join(cells)
+            + f" | {_pct(summary[strategy]['worst_train_uar'])} | {d['runs']} | "
+            f"{d['wall_seconds']:.0f} |"
+        )
+    failed = [r for r in sweep.runs if not r.done]
+    if failed:
+        lines += ["", "## Runs not finished", ""]
+        lines += [
+            f"- {r.strategy}, held out {r.heldout}, seed {r.seed}: `{r.path}`" for r in failed
+        ]
+    lines += ["", "## Plots", ""]
+    if done:
+        plot_heldout_uar(sweep, sweep.path / "heldout_uar.png")
+        lines += ["![held-out UAR over rounds](heldout_uar.png)", ""]
+    for strategy in sweep.strategies:
+        run = _first_done(sweep, strategy)
+        if run is None or strategy in (CENTRALIZED, "fedavg", "fedprox", "fedbn", "local"):
+            continue
+        png = f"lambda_{strategy}.png"
+        plot_lambda(run, sweep.path / png)
+        lines += [f"![lambda {strategy}]({png})", ""]
+    for strategy in sweep.strategies:
+        for h in sweep.heldout:
+            cms = [
+                np.asarray(row["heldout"][h]["confusion"])
+                for r in sweep.runs
+                if r.strategy == strategy and r.heldout == h and r.done
+                for row in _rows(r)[-1:]
+                if row.get("heldout", {}).get(h, {}).get("confusion") is not None
+            ]
+            if cms:
+                png = f"confusion_{strategy}_{h}.png"
+                plot_confusion(
+                    np.sum(cms, axis=0).tolist(),
+                    f"{strategy}, held out {h} (summed over seeds)",
+                    sweep.path / png,
+                )
+                lines += [f"![confusion {strategy} {h}]({png})", ""]
+    path = sweep.path / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None, launcher: Callable[[RunSpec], int] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        return worker(argv[1], argv[2], argv[3:])
+    sweep = plan(argv)
+    run_sweep(sweep, launcher or launch_subprocess)
+    write_report(sweep)
+    failed = sum(not r.done for r in sweep.runs)
+    if failed:
+        print(f"{failed} run(s) did not finish; the report covers the rest", flush=True)
+    print(sweep.path.resolve(), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
