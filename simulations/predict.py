@@ -1,0 +1,438 @@
+"""Expressions along a video: per window of T frames, the face box and each class's probability.
+
+    python -m simulations.predict clip.mp4 runs/<folder>
+    python -m simulations.predict frames/ runs/<folder>/checkpoint.pt --stride 2 --fps 25 \
+        --csv out.csv --json out.json --strip out.png
+
+Frames come from a video file (PyAV: mp4, mov, avi, ...) or a folder of frame images. The face is
+found in every frame with the bundled Haar detector (`hdf.data.faces.detect_face`); a window is
+classified when at least ``--min-face-frac`` of its frames show a face, and then all its frames are
+cropped with one box (the median of that window's detections, so the crop does not jitter) exactly
+as `hdf.data.faces.crop_face` prepares training clips. Other windows are reported as ``no-face``.
+Windows start every ``--stride`` frames (default T); a last window is added to reach the final
+frame, and a video shorter than T gives one window with frames repeated.
+Exit codes: 0 (also when no face is found); 1 when no face detector is available or the checkpoint
+does not fit its config; 2 for an unreadable video, frame folder or checkpoint (named in the error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from hdf.checkpoint import CheckpointError, CheckpointMismatchError, load_model
+from hdf.classes import EMOTIONS
+from hdf.data.faces import Box, FaceDetectorUnavailable, crop_face, detect_face
+from hdf.data.frames import IMAGE_EXTS, ClipReadError, is_video, iter_video_frames, list_frames
+from hdf.data.frames import sample_indices as uniform_indices
+from hdf.device import resolve_device
+from hdf.models import HDFNet
+from server.outputs import clean
+
+WORK_SIDE = 480  # frames are downscaled so their shorter side is at most this (detection speed)
+THUMB_HEIGHT = 120  # strip thumbnails
+BATCH = 16  # windows per forward pass
+
+
+@dataclass
+class Window:
+    """One window of T frames and what the model made of it."""
+
+    index: int
+    start: int  # first frame (inclusive)
+    end: int  # last frame (inclusive)
+    face_frames: int
+    box: Box | None  # in the original frame's pixels; None = no-face
+    probs: np.ndarray | None = None
+    thumb: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.box is not None else "no-face"
+
+    @property
+    def label(self) -> str | None:
+        return None if self.probs is None else EMOTIONS[int(np.argmax(self.probs))]
+
+
+@dataclass
+class Prediction:
+    """Everything `predict` learned about one input."""
+
+    path: Path
+    fps: float | None
+    num_frames: int  # frames read
+    window_frames: int  # T
+    stride: int
+    windows: list[Window]
+    face_boxes: list[Box | None]  # per frame, original pixels
+    error: str | None = None  # decoding stopped early (the frames before it are kept)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per window (the CSV; also the JSON's ``windows``)."""
+        out = []
+        for w in self.windows:
+            row: dict[str, Any] = {
+                "window": w.index,
+                "start_frame": w.start,
+                "end_frame": w.end,
+                "start_s": None if not self.fps else round(w.start / self.fps, 3),
+                "end_s": None if not self.fps else round((w.end + 1) / self.fps, 3),
+                "face_frames": w.face_frames,
+                "status": w.status,
+                "box_x": None if w.box is None else w.box[0],
+                "box_y": None if w.box is None else w.box[1],
+                "box_w": None if w.box is None else w.box[2],
+                "box_h": None if w.box is None else w.box[3],
+                "prediction": w.label,
+            }
+            for i, e in enumerate(EMOTIONS):
+                row[f"p_{e}"] = None if w.probs is None else round(float(w.probs[i]), 6)
+            out.append(row)
+        return out
+
+    def to_json(self, checkpoint: str) -> dict[str, Any]:
+        return {
+            "input": str(self.path),
+            "checkpoint": checkpoint,
+            "frames": self.num_frames,
+            "fps": self.fps,
+            "window_frames": self.window_frames,
+            "stride": self.stride,
+            "classes": list(EMOTIONS),
+            "windows": self.rows(),
+            "frames_without_face": [i for i, b in enumerate(self.face_boxes) if b is None],
+            "error": self.error,
+        }
+
+
+# ---- reading frames ------------------------------------------------------------------------
+
+
+def _video_fps(path: Path) -> tuple[float | None, int | None]:
+    """(frames per second, frame count if the container knows it); errors name the file."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ClipReadError(path, "no video stream in the file")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            return (float(rate) if rate else None), (int(stream.frames) or None)
+    except ClipReadError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, EOFError) as err:
+        raise ClipReadError(path, f"unreadable video ({err})") from None
+
+
+def _folder_frames(files: list[Path]) -> Iterator[np.ndarray]:
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                yield np.asarray(img.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise ClipReadError(f, f"unreadable frame image ({err})") from None
+
+
+def open_frames(path: Path) -> tuple[Iterator[np.ndarray], float | None, int | None]:
+    """(RGB frames H x W x 3, fps or None, frame count or None) of a video or a frame folder."""
+    if path.is_dir():
+        files = list_frames(path)
+        if not files:
+            raise ClipReadError(path, f"no frame images ({', '.join(sorted(IMAGE_EXTS))})")
+        return _folder_frames(files), None, len(files)
+    if path.is_file():
+        fps, count = _video_fps(path)
+        return iter_video_frames(path), fps, count
+    raise ClipReadError(path, "no such file or folder")
+
+
+def _downscale(frame: np.ndarray) -> tuple[np.ndarray, float]:
+    """The frame with its shorter side at most WORK_SIDE, and the factor back to the original."""
+    h, w = frame.shape[:2]
+    s = min(h, w)
+    if s <= WORK_SIDE:
+        return frame, 1.0
+    f = s / WORK_SIDE
+    img = Image.fromarray(frame).resize((round(w / f), round(h / f)), Image.Resampling.BILINEAR)
+    return np.asarray(img), f
+
+
+def _scale_box(box: Box | None, f: float) -> Box | None:
+    return None if box is None else tuple(round(v * f) for v in box)  # type: ignore[return-value]
+
+
+# ---- windows ---------------------------------------------------------------------------------
+
+
+def window_box(boxes: list[Box | None], min_faces: int) -> Box | None:
+    """The median box of a window's detections; None when fewer than `min_faces` frames have one."""
+    found = [b for b in boxes if b is not None]
+    if len(found) < max(min_faces, 1):
+        return None
+    return tuple(round(float(v)) for v in np.median(np.asarray(found), axis=0))  # type: ignore[return-value]
+
+
+def _thumb(frame: np.ndarray, box: Box | None) -> Image.Image:
+    """A small copy of `frame` with the window's box drawn (work-frame pixels)."""
+    img = Image.fromarray(frame)
+    if box is not None:
+        x, y, w, h = box
+        ImageDraw.Draw(img).rectangle([x, y, x + w, y + h], outline=(40, 220, 60), width=3)
+    scale = THUMB_HEIGHT / img.height
+    return img.resize((max(1, round(img.width * scale)), THUMB_HEIGHT))
+
+
+@torch.no_grad()
+def _classify(model: HDFNet, clips: list[np.ndarray], device: torch.device) -> np.ndarray:
+    """Class probabilities for uint8 clips T x H x W x 3."""
+    x = torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).contiguous().to(device)
+    logits, _ = model(model.preprocess(x))
+    return logits.float().softmax(dim=1).cpu().numpy()
+
+
+def predict(
+    path: str | Path,
+    model: HDFNet,
+    *,
+    stride: int | None = None,
+    min_face_frac: float = 0.5,
+    device: torch.device | None = None,
+    strip: bool = False,
+    console: Console | None = None,
+) -> Prediction:
+    """Detect, crop and classify every window of `model.num_frames` frames of one input.
+
+    Frames stream through a buffer of T frames, so memory does not grow with the video's length.
+    Raises `ClipReadError` when nothing at all can be read; a decoding error after some frames is
+    kept in `Prediction.error` with the windows of the frames read before it.
+    """
+    path = Path(path)
+    device = device or torch.device("cpu")
+    t = model.num_frames
+    stride = int(stride or t)
+    if stride < 1:
+        raise ValueError(f"--stride must be at least 1, got {stride}")
+    min_faces = max(1, int(np.ceil(min_face_frac * t)))
+    frames, fps, count = open_frames(path)
+
+    buffer: deque[tuple[int, np.ndarray, float]] = deque(maxlen=t)  # (index, work frame, factor)
+    work_boxes: list[Box | None] = []  # per frame, in work-frame pixels
+    scale: list[float] = []
+    windows: list[Window] = []
+    pending: list[tuple[Window, np.ndarray]] = []
+    error: str | None = None
+
+    def flush() -> None:
+        if pending:
+            probs = _classify(model, [c for _, c in pending], device)
+            for (w, _), p in zip(pending, probs, strict=True):
+                w.probs = p
+            pending.clear()
+
+    def emit(indices: list[int]) -> None:
+        by_index = {i: (f, s) for i, f, s in buffer}
+        boxes = [work_boxes[i] for i in indices]
+        box = window_box(boxes, min_faces)
+        mid = by_index[indices[len(indices) // 2]][0]
+        w = Window(
+            index=len(windows),
+            start=indices[0],
+            end=indices[-1],
+            face_frames=len({i for i in indices if work_boxes[i] is not None}),
+            box=_scale_box(box, by_index[indices[0]][1]),
+            thumb=_thumb(mid, box) if strip else None,
+        )
+        windows.append(w)
+        if box is not None:
+            clip = np.stack([crop_face(by_index[i][0], box, size=model.size) for i in indices])
+            pending.append((w, clip))
+            if len(pending) >= BATCH:
+                flush()
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    n = 0
+    with Progress(*columns, console=console or Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(f"reading {path.name}", total=count)
+        try:
+            for frame in frames:
+                work, f = _downscale(frame)
+                work_boxes.append(detect_face(work))
+                scale.append(f)
+                buffer.append((n, work, f))
+                if n >= t - 1 and (n - (t - 1)) % stride == 0:
+                    emit(list(range(n - t + 1, n + 1)))
+                n += 1
+                progress.advance(task)
+        except ClipReadError as err:
+            if n == 0:
+                raise
+            error = f"decoding stopped after {n} frames: {err}"
+        if n == 0:
+            raise ClipReadError(path, "no frames could be read")
+        if n < t:  # one window, frames repeated in order (as clips are sampled for training)
+            emit([int(i) for i in uniform_indices(n, t, train=False)])
+        elif not windows or windows[-1].end < n - 1:
+            emit(list(range(n - t, n)))
+        flush()
+    face_boxes = [_scale_box(b, s) for b, s in zip(work_boxes, scale, strict=True)]
+    return Prediction(path, fps, n, t, stride, windows, face_boxes, error)
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+
+def write_csv(pred: Prediction, out: Path) -> None:
+    rows = pred.rows()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["window"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if v is None else v for k, v in r.items()})
+
+
+def write_strip(pred: Prediction, out: Path, max_windows: int = 24, per_row: int = 8) -> None:
+    """Window thumbnails (middle frame, box, top class) side by side; at most `max_windows`."""
+    wins = [w for w in pred.windows if w.thumb is not None]
+    if len(wins) > max_windows:
+        wins = [wins[int(i)] for i in np.linspace(0, len(wins) - 1, max_windows).round()]
+    if not wins:
+        return
+    tw = max(w.thumb.width for w in wins)  # type: ignore[union-attr]
+    text_h = 28
+    rows = (len(wins) + per_row - 1) // per_row
+    cols = min(per_row, len(wins))
+    sheet = Image.new("RGB", (cols * tw, rows * (THUMB_HEIGHT + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, w in enumerate(wins):
+        x, y = (k % per_row) * tw, (k // per_row) * (THUMB_HEIGHT + text_h)
+        sheet.paste(w.thumb, (x, y))  # type: ignore[arg-type]
+        span = f"#{w.index} f{w.start}-{w.end}"
+        if w.probs is None:
+            text, colour = "no face", (200, 30, 30)
+        else:
+            text, colour = f"{w.label} {100 * float(w.probs.max()):.0f}%", (20, 20, 20)
+        draw.text((x + 3, y + THUMB_HEIGHT + 2), span, fill=(90, 90, 90))
+        draw.text((x + 3, y + THUMB_HEIGHT + 14), text, fill=colour)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+
+
+def show(pred: Prediction, console: Console) -> None:
+    """The rich table: one row per window, probabilities in percent."""
+    table = Table(title=f"{pred.path.name}: {pred.num_frames} frames, T={pred.window_frames}")
+    cols = ["#", "frames", "time (s)", "faces", "box x,y,w,h", "expression", *EMOTIONS]
+    for c in cols:
+        table.add_column(c, justify="right" if c not in ("expression", "box x,y,w,h") else "left")
+    for r, w in zip(pred.rows(), pred.windows, strict=True):
+        time = "-" if r["start_s"] is None else f"{r['start_s']:.2f}-{r['end_s']:.2f}"
+        box = "-" if w.box is None else ",".join(str(v) for v in w.box)
+        probs = (
+            ["-"] * len(EMOTIONS) if w.probs is None else [f"{100 * float(p):.1f}" for p in w.probs]
+        )
+        label = w.label or "[red]no face[/]"
+        table.add_row(
+            str(w.index), f"{w.start}-{w.end}", time, f"{w.face_frames}/{pred.window_frames}",
+            box, label, *probs,
+        )  # fmt: skip
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.predict",
+        description="Expression probabilities for each window of T frames of a video.",
+    )
+    parser.add_argument("input", help="video file (mp4, mov, avi, ...) or folder of frame images")
+    parser.add_argument("checkpoint", help="run folder (runs/<folder>) or checkpoint file")
+    parser.add_argument("--stride", type=int, default=None, help="frames between windows (T)")
+    parser.add_argument(
+        "--min-face-frac", type=float, default=0.5, help="share of a window's frames with a face"
+    )
+    parser.add_argument("--fps", type=float, default=None, help="frame rate of a frame folder")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--csv", type=Path, default=None, help="write one row per window")
+    parser.add_argument("--json", type=Path, default=None, help="write windows and frame boxes")
+    parser.add_argument("--strip", type=Path, default=None, help="write an annotated PNG strip")
+    args = parser.parse_args(argv)
+    console = Console(highlight=False)
+    err_console = Console(stderr=True, highlight=False)
+
+    def fail(msg: str, code: int) -> int:
+        err_console.print(f"[red]error:[/] {msg}", soft_wrap=True)
+        return code
+
+    src = Path(args.input)
+    if not src.exists():
+        return fail(f"{src}: no such video file or frame folder", 2)
+    if src.is_file() and not is_video(src):
+        return fail(f"{src}: not a video file (mp4, mov, avi, ...) nor a frame folder", 2)
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as err:
+        return fail(str(err), 1)
+    try:
+        model, _ = load_model(args.checkpoint, device=device)
+    except CheckpointMismatchError as err:
+        return fail(str(err), 1)
+    except CheckpointError as err:
+        return fail(str(err), 2)
+    try:
+        pred = predict(
+            src,
+            model,
+            stride=args.stride,
+            min_face_frac=args.min_face_frac,
+            device=device,
+            strip=args.strip is not None,
+            console=err_console,
+        )
+    except ClipReadError as err:
+        return fail(f"cannot read {err.path}: {err.reason}", 2)
+    except FaceDetectorUnavailable as err:
+        return fail(str(err), 1)
+    if args.fps and pred.fps is None:
+        pred.fps = float(args.fps)
+
+    show(pred, console)
+    if args.csv:
+        write_csv(pred, args.csv)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(clean(pred.to_json(str(args.checkpoint))), indent=1))
+    if args.strip:
+        write_strip(pred, args.strip)
+    no_face = sum(b is None for b in pred.face_boxes)
+    classified = sum(w.probs is not None for w in pred.windows)
+    if pred.error:
+        return fail(f"{src}: {pred.error}; the windows above cover the frames read", 2)
+    if no_face == pred.num_frames:
+        console.print(
+            f"no face found in any of the {pred.num_frames} frames of {src}: nothing classified"
+        )
+        return 0
+    console.print(
+        f"{classified} of {len(pred.windows)} windows classified; "
+        f"{no_face} of {pred.num_frames} frames without a face"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
