@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import torch
-from hdf.train import train_local
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -24,6 +23,7 @@ from hdf.data import ConcatClipDataset, Source, build_sources, split_sources
 from hdf.device import resolve_device, seed_everything
 from hdf.evaluate import evaluate, summarize
 from hdf.models import HDFNet, build_model
+from hdf.train import train_local
 from server.outputs import RunFolder
 from server.report import format_row, write_report
 from server.tracking import Tracker
