@@ -1,0 +1,90 @@
+"""SAM, sharpness-aware minimisation around a base optimizer, as HDF trains (paper Sec. 5).
+
+Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization", ICLR 2021.
+The released HDF trainer uses a non-adaptive SAM around AdamW with rho = 0.05 and stores the
+first-pass gradient norm without using it; here that norm is returned and drives DSM's balance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+class SAM:
+    """Two-pass SAM: perturb by rho * grad / ||grad||, recompute the gradient, restore, step.
+
+    ``rho = 0`` turns the perturbation off: ``first_step`` then only measures g, and the caller
+    runs a single pass (``second_step`` still steps the base optimizer).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        base_optimizer: torch.optim.Optimizer,
+        rho: float,
+    ) -> None:
+        if rho < 0:
+            raise ValueError(f"sam.rho must be >= 0, got {rho}")
+        self.params = [p for p in params if p.requires_grad]
+        self.base_optimizer = base_optimizer
+        self.rho = float(rho)
+        self._saved: list[torch.Tensor] | None = None
+
+    @property
+    def two_pass(self) -> bool:
+        """True when a second forward/backward pass at the perturbed weights is needed."""
+        return self.rho > 0
+
+    @torch.no_grad()
+    def grad_norm(self, grad_scale: float = 1.0) -> float:
+        """Global L2 norm of the current gradients (divided by a loss scale, for fp16)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+        return float(torch.linalg.vector_norm(norms)) / grad_scale
+
+    @torch.no_grad()
+    def first_step(self, grad_scale: float = 1.0) -> float:
+        """Return g = ||grad||; if rho > 0, save the weights and move them by rho * grad / g.
+
+        ``grad_scale`` is the loss scale of fp16 training (the gradients are scaled by it); a
+        non-finite g (an fp16 overflow) leaves the weights unperturbed.
+        """
+        g = self.grad_norm(grad_scale)
+        if self._saved is not None:
+            raise RuntimeError("SAM.first_step called twice without second_step in between")
+        if self.rho > 0 and math.isfinite(g) and g > 0:
+            self._saved = [p.detach().clone() for p in self.params]
+            step = self.rho / (g * grad_scale + 1e-12)
+            for p in self.params:
+                if p.grad is not None:
+                    p.add_(p.grad.to(p.dtype), alpha=step)
+        return g
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the weights saved by ``first_step`` (exactly, by copy)."""
+        if self._saved is None:
+            return
+        for p, saved in zip(self.params, self._saved, strict=True):
+            p.copy_(saved)
+        self._saved = None
+
+    def second_step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Restore the weights, then step the base optimizer with the current gradients."""
+        self.restore()
+        if scaler is None:
+            self.base_optimizer.step()
+        else:
+            scaler.step(self.base_optimizer)
+            scaler.update()
+
+    def zero_grad(self) -> None:
+        """Clear the gradients (set to None) of every parameter."""
+        self.base_optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None

@@ -1,0 +1,261 @@
+"""Local training with DSM and SAM (paper Secs. 4-5) and the DRO `loss-before` probe.
+
+One call of `train_local` is one client's work in one federated round (or one epoch block of the
+centralized baseline): a fresh AdamW wrapped in SAM, a per-step warm-up + cosine schedule, DSM with
+g from SAM's first pass, optional FedProx term, training-batch augmentation, mixed precision.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from hdf.device import autocast_context, autocast_dtype
+from hdf.evaluate import predict
+from hdf.losses.dsm import DSMLoss
+from hdf.metrics import uar, war
+from hdf.optim.sam import SAM
+from hdf.optim.schedule import cosine_with_warmup
+
+_DSM_KEYS = ("supcon", "ib", "balance", "alpha", "beta", "tau", "eta", "ib_weight")
+_DSM_KEYS += ("label_smoothing",)
+
+
+def _get(cfg: Any, path: str, default: Any = None) -> Any:
+    """Value at dotted ``path`` of a nested mapping / DictConfig, else ``default``."""
+    node = cfg
+    for key in path.split("."):
+        if node is None:
+            return default
+        node = node.get(key) if isinstance(node, Mapping) else getattr(node, key, None)
+    return default if node is None else node
+
+
+def build_loss(cfg: Any) -> DSMLoss:
+    """DSMLoss from the run config's ``dsm`` group (missing keys take DSMLoss's defaults)."""
+    kwargs = {k: _get(cfg, f"dsm.{k}") for k in _DSM_KEYS}
+    return DSMLoss(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
+    """Random horizontal flip and a +-max_shift pixel translation per clip of x (B x C x T x H x W).
+
+    The same flip and shift apply to every frame of a clip; borders are filled by replication.
+    """
+    b, _, _, h, w = x.shape
+    flip = torch.rand(b, generator=generator) < 0.5
+    shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator)
+    if max_shift > 0:
+        padded = F.pad(x, (max_shift, max_shift, max_shift, max_shift, 0, 0), mode="replicate")
+        rows = []
+        for i in range(b):
+            dy, dx = int(shifts[i, 0]) + max_shift, int(shifts[i, 1]) + max_shift
+            rows.append(padded[i, :, :, dy : dy + h, dx : dx + w])
+        fmt = (
+            torch.channels_last_3d
+            if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+            else torch.contiguous_format
+        )
+        x = torch.stack(rows).contiguous(memory_format=fmt)
+    if bool(flip.any()):
+        mask = flip.to(x.device)[:, None, None, None, None]
+        x = torch.where(mask, x.flip(-1), x)
+    return x
+
+
+class _FrozenNormStats:
+    """Context: BatchNorm running statistics are not updated (SAM's second, perturbed pass)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.saved: list[float | None] = []
+
+    def __enter__(self) -> None:
+        self.saved = [m.momentum for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc: object) -> None:
+        for m, momentum in zip(self.norms, self.saved, strict=True):
+            m.momentum = momentum
+
+
+def _proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor | None:
+    """FedProx term (mu / 2) ||w - w_global||^2 over the trainable parameters."""
+    if mu <= 0:
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    sq = sum((p.float() - a).square().sum() for p, a in zip(params, anchor, strict=True))
+    return 0.5 * mu * sq
+
+
+def train_local(
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: Any,
+    device: torch.device,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    proximal_mu: float = 0.0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Train ``model`` in place for ``epochs`` passes over ``dataset`` with DSM + SAM(AdamW).
+
+    Returns means over the training steps of the first-pass (unperturbed) loss and its parts,
+    UAR/WAR of the first-pass training predictions, the mean SAM gradient norm g, the number of
+    examples and of steps, and the steps skipped for a non-finite loss.
+    """
+    device = torch.device(device)
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError("cannot train on an empty dataset")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    batch_size = int(_get(cfg, "train.batch_size", 16))
+    precision = str(_get(cfg, "precision", "auto"))
+    amp_dtype = autocast_dtype(device, precision)
+    sam_on = bool(_get(cfg, "sam.enabled", True))
+    rho = float(_get(cfg, "sam.rho", 0.05)) if sam_on else 0.0
+
+    gen = torch.Generator().manual_seed(int(seed))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=gen,
+        num_workers=int(_get(cfg, "train.num_workers", 0)),
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+    )
+    steps_total = epochs * len(loader)
+    base = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=lr,
+        weight_decay=float(_get(cfg, "train.weight_decay", 0.05)),
+    )
+    sam = SAM(model.parameters(), base, rho)
+    sched = cosine_with_warmup(
+        base,
+        warmup_steps=round(float(_get(cfg, "train.warmup_frac", 0.1)) * steps_total),
+        total_steps=steps_total,
+        min_lr_ratio=float(_get(cfg, "train.min_lr_ratio", 0.1)),
+    )
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    loss_fn = build_loss(cfg)
+    augment = bool(_get(cfg, "train.augment", True))
+    anchor = [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
+    norm_frozen = _FrozenNormStats(model)
+
+    sums: dict[str, float] = {}
+    grad_norms: list[float] = []
+    labels_all: list[np.ndarray] = []
+    preds_all: list[np.ndarray] = []
+    steps = skipped = 0
+    t0 = time.perf_counter()
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))  # dropout and anything else drawing from the global RNG
+        for epoch in range(epochs):
+            for clips, y, _ in loader:
+                clips = clips.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                x = model.preprocess(clips)
+                if augment:
+                    x = augment_batch(x, gen, max_shift=max(1, x.shape[-1] // 16))
+                scale = float(scaler.get_scale()) if scaler is not None else 1.0
+
+                # First pass at the current weights: the reported loss and predictions.
+                with autocast_context(device, precision):
+                    logits, features = model(x)
+                loss, parts = loss_fn(logits, features, y)
+                prox = _proximal(model, anchor, proximal_mu)
+                if prox is not None:
+                    loss = loss + prox
+                    parts["prox"] = float(prox)
+                if not math.isfinite(parts["total"]):
+                    skipped += 1
+                    sam.zero_grad()
+                    continue
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                g = sam.first_step(grad_scale=scale)
+
+                if sam.two_pass:
+                    # Second pass at w + e(w); DSM's balance uses g of this batch's first pass.
+                    sam.zero_grad()
+                    with norm_frozen, autocast_context(device, precision):
+                        logits2, features2 = model(x)
+                    loss2, _ = loss_fn(logits2, features2, y, grad_norm=g)
+                    prox2 = _proximal(model, anchor, proximal_mu)
+                    if prox2 is not None:
+                        loss2 = loss2 + prox2
+                    (scaler.scale(loss2) if scaler is not None else loss2).backward()
+                else:
+                    loss_fn.observe_grad_norm(g)  # used by the next step's balance
+                sam.second_step(scaler)
+                sam.zero_grad()
+                sched.step()
+
+                steps += 1
+                if math.isfinite(g):
+                    grad_norms.append(g)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                labels_all.append(y.cpu().numpy())
+                preds_all.append(logits.detach().argmax(dim=1).cpu().numpy())
+            if progress:
+                mean_loss = sums.get("total", float("nan")) / max(steps, 1)
+                print(
+                    f"  epoch {epoch + 1}/{epochs}: loss {mean_loss:.4f}, {steps} steps, "
+                    f"{time.perf_counter() - t0:.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    y_true = np.concatenate(labels_all) if labels_all else np.zeros(0, dtype=np.int64)
+    y_pred = np.concatenate(preds_all) if preds_all else np.zeros(0, dtype=np.int64)
+    means = {k: v / max(steps, 1) for k, v in sums.items()}
+    return {
+        "loss": means.get("total", float("nan")),
+        **{k: v for k, v in means.items() if k != "total"},
+        "uar": uar(y_true, y_pred),
+        "war": war(y_true, y_pred),
+        "num_examples": n,
+        "steps": steps,
+        "skipped_steps": skipped,
+        "grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def loss_on_sample(
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    num_clips: int,
+    seed: int,
+    batch_size: int,
+) -> float:
+    """Mean plain cross-entropy of ``model`` on a fixed, seed-chosen subset of ``num_clips`` clips.
+
+    The DRO server's ``loss-before``: the received global model is scored in eval mode, before
+    local training, on the same clips for the same seed (DESIGN.md Sec. 3).
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError("cannot score a model on an empty dataset")
+    k = min(max(int(num_clips), 1), n)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:k]
+    subset = Subset(dataset, sorted(idx.tolist()))
+    _, _, loss = predict(model, subset, torch.device(device), batch_size=int(batch_size))
+    return float(loss)
