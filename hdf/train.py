@@ -182,7 +182,7 @@ def train_local(
                 prox = _proximal(model, anchor, proximal_mu)
                 if prox is not None:
                     loss = loss + prox
-                    parts["prox"] = float(prox)
+                    parts["prox"] = float(prox.detach())
                 if not math.isfinite(parts["total"]):
                     skipped += 1
                     sam.zero_grad()
