@@ -22,6 +22,7 @@ from hdf.data import build_sources, split_sources
 from hdf.device import seed_everything
 from hdf.evaluate import summarize
 from hdf.models import build_model
+from hdf.optim.schedule import round_lr
 from server.heldout import HeldoutEvaluator
 from server.outputs import RunFolder, rng_state, set_rng_state
 from server.report import format_row
@@ -42,7 +43,9 @@ def query_nodes(grid: Grid, cfg_yaml: str, nodes: list[int]) -> dict[int, dict[s
     for reply in grid.send_and_receive(msgs, timeout=QUERY_TIMEOUT_S):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("node %s could not say which source it serves: %s", node, reply.error.reason)
+            log.warning(
+                "node %s could not say which source it serves: %s", node, reply.error.reason
+            )
             continue
         m = reply.content[K.METRICS]
         found[node] = {
@@ -73,6 +76,13 @@ def discover_nodes(
         if len(found) >= expected or simulated or time.monotonic() >= deadline:
             return found
         time.sleep(1.0)
+
+
+def lr_of_round(cfg: DictConfig, server_round: int) -> float:
+    """The clients' learning rate in `server_round` (warm-up then cosine over the rounds)."""
+    t = cfg.train
+    warmup, floor = int(t.warmup_rounds), float(t.round_min_lr_ratio)
+    return round_lr(float(t.lr), server_round, int(cfg.rounds), warmup, floor)
 
 
 class Federation:
@@ -116,7 +126,6 @@ class Federation:
             {
                 K.RUN_CONFIG: self.cfg_yaml,
                 K.LOCAL_EPOCHS: int(cfg.train.local_epochs),
-                K.LR: float(cfg.train.lr),
             }
         )
         self.eval_config = ConfigRecord({K.RUN_CONFIG: self.cfg_yaml, K.SPLIT: "val"})
@@ -176,6 +185,7 @@ class Federation:
         # sites that (re)joined since the last round get new node ids: ask them who they are
         new = [n for n in self.grid.get_node_ids() if n not in self.strategy.node_source]
         self._register(query_nodes(self.grid, self.cfg_yaml, new))
+        self.train_config[K.LR] = lr_of_round(self.cfg, server_round)
         msgs = self.strategy.configure_train(
             server_round, self.arrays, self.train_config, self.grid
         )

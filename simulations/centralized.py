@@ -24,6 +24,7 @@ from hdf.device import resolve_device, seed_everything
 from hdf.evaluate import evaluate, summarize
 from hdf.models import HDFNet, build_model
 from hdf.train import train_local
+from server.federation import lr_of_round
 from server.outputs import RunFolder
 from server.report import format_row, write_report
 from server.tracking import Tracker
@@ -77,7 +78,7 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
                 cfg,
                 device,
                 epochs=int(cfg.train.local_epochs),
-                lr=float(cfg.train.lr),
+                lr=lr_of_round(cfg, r),
                 seed=int(cfg.seed) * 1_000_003 + r,
             )
         row = {

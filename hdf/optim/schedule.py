@@ -1,4 +1,8 @@
-"""Per-step learning-rate schedule: linear warm-up then cosine decay to a floor (paper Sec. 5)."""
+"""Learning-rate schedules: linear warm-up then cosine decay to a floor (paper Sec. 5).
+
+`warmup_cosine_factor` is the shape; `cosine_with_warmup` applies it per step inside one call of
+the training loop, and `round_lr` across federated rounds (the server sends each round's lr).
+"""
 
 from __future__ import annotations
 
@@ -18,13 +22,28 @@ def cosine_with_warmup(
     """
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-    warmup = max(0, int(warmup_steps))
-    total = max(1, int(total_steps))
+    return LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, min_lr_ratio),
+    )
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return LambdaLR(optimizer, factor)
+def warmup_cosine_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """(step+1)/warmup during warm-up, then cosine from 1 down to `min_ratio` at `total`."""
+    warmup, total = max(0, int(warmup)), max(1, int(total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def round_lr(
+    base_lr: float, server_round: int, rounds: int, warmup: int, min_ratio: float
+) -> float:
+    """The lr of federated round `server_round` (1-based): the schedule stretched over rounds.
+
+    Restarting a warm-up and cosine inside every client call, as a centralized trainer's per-step
+    schedule would, spends each round's first steps warming up and its last near the floor; in
+    federated training the decay belongs to the rounds and each round trains at one lr.
+    """
+    return base_lr * warmup_cosine_factor(server_round - 1, warmup, rounds, min_ratio)

@@ -1,0 +1,22 @@
+"""The lr schedule over federated rounds, against hand computation."""
+
+import math
+
+import pytest
+
+from hdf.optim.schedule import round_lr
+
+
+def test_round_lr_warms_up_then_decays_to_the_floor() -> None:
+    """10 rounds, 2 warm-up rounds, floor 0.1 of lr = 2.0.
+
+    Round 1: (0+1)/2 = 0.5 -> 1.0; round 2: 2/2 -> 2.0 (the peak, progress 0);
+    round 10: progress (9-2)/(10-2) = 7/8, factor 0.1 + 0.9 * (1 + cos(7 pi / 8)) / 2
+    = 0.1 + 0.45 * (1 - 0.9238795) = 0.1342542 -> 0.2685084.
+    """
+    lrs = [round_lr(2.0, r, 10, 2, 0.1) for r in range(1, 11)]
+    assert lrs[0] == pytest.approx(1.0)
+    assert lrs[1] == pytest.approx(2.0)
+    assert lrs[-1] == pytest.approx(0.2685084, abs=1e-6)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))  # monotone after warm-up
+    assert lrs[-1] == pytest.approx(2.0 * (0.1 + 0.45 * (1 + math.cos(7 * math.pi / 8))))
