@@ -29,6 +29,9 @@ class Site:
 
 
 _SITES: dict[tuple[str, str], Site] = {}
+# In simulation one worker process runs the ClientApp of several virtual nodes in turn; keeping
+# each one's site avoids rebuilding its model and reloading its data on every message.
+MAX_SITES = 32
 
 
 def config_key(cfg_yaml: str) -> str:
@@ -84,6 +87,7 @@ def get_site(cfg_yaml: str, node_config: dict[str, Any]) -> Site:
         source, heldout = resolve_source(cfg, node_config)
         device = resolve_device(cfg.device)
         model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size).to(device)
-        _SITES.clear()  # one run at a time per process: free the previous run's model
+        if len(_SITES) >= MAX_SITES:  # a process serves a few sources in turn (simulation)
+            _SITES.pop(next(iter(_SITES)))
         _SITES[key] = Site(cfg, source, heldout, model, device)
     return _SITES[key]

@@ -7,7 +7,6 @@ from server.strategy.dro_math import (
     DRO_MODES,
     DROSettings,
     afl_step,
-    eg_step,
     feddg_ga_step,
     fill_losses,
     linear_decay,
@@ -39,15 +38,16 @@ def test_eg_two_rounds_by_hand() -> None:
     np.testing.assert_allclose(lam, [0.5, 0.210845, 0.289155], atol=2e-6)
 
 
-def test_absent_source_keeps_its_relative_weight() -> None:
-    """Only sources that reported move: with source 1 silent, the ratio lam0/lam1 grows by
-    exp(eta * loss0) and lam2/lam1 by exp(eta * loss2)."""
-    s = DROSettings(eta=0.5)
+def test_absent_source_keeps_its_weight() -> None:
+    """Source 1 is silent: it keeps 0.3; sources 0 and 2 share the other 0.7 in the EG
+    proportions 0.2 e^(0.5*2) : 0.5 e^(0.5*1) = 0.543656 : 0.824361, i.e. 0.7 * (0.397404, 0.602596)
+    = (0.278183, 0.421817)."""
+    s = DROSettings(eta=0.5, eps=0.0, cap=1.0)
     lam = np.array([0.2, 0.3, 0.5])
-    out = eg_step(lam, np.array([2.0, 99.0, 1.0]), np.array([True, False, True]), UNIFORM, s)
-    assert out[0] / out[1] == pytest.approx(0.2 / 0.3 * np.exp(1.0))
-    assert out[2] / out[1] == pytest.approx(0.5 / 0.3 * np.exp(0.5))
-    assert out.sum() == pytest.approx(1.0)
+    out = update_lambda(
+        "eg", lam, np.array([2.0, 99.0, 1.0]), np.array([True, False, True]), lam, s
+    )
+    np.testing.assert_allclose(out, [0.278183, 0.3, 0.421817], atol=1e-6)
 
 
 def test_kl_two_rounds_by_hand_with_a_silent_source() -> None:

@@ -125,7 +125,7 @@ def eg_step(
 ) -> np.ndarray:
     """Exponentiated gradient (Group DRO): lambda_k <- lambda_k * exp(eta * loss_k), normalised.
 
-    Only sources that reported this round (`mask`) move; the others keep their relative weight.
+    Only sources that reported this round (`mask`) move (`keep_absent` holds the others).
     """
     logits = np.log(np.maximum(lam, 1e-300)) + s.eta * np.where(mask, losses, 0.0)
     w = np.exp(logits - logits.max())
@@ -218,6 +218,23 @@ def get_mode(mode: str) -> DROMode:
     return DRO_MODES[mode]
 
 
+def keep_absent(step: np.ndarray, lam: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sources that did not report keep their weight; the reporters share the rest of the mass
+    in the proportions the step gave them.
+
+    A silent source carries no loss, so a step that treats it as loss 0 would cut its weight
+    (by exp(-eta * mean loss) in EG) for being offline, not for being well served (DESIGN.md:
+    a lost site's lambda is kept).
+    """
+    if mask.all() or not mask.any():
+        return step
+    out = lam.copy()
+    reporters = step[mask].sum()
+    share = 1.0 - lam[~mask].sum()
+    out[mask] = step[mask] * (share / reporters) if reporters > 0 else share / mask.sum()
+    return out
+
+
 def update_lambda(
     mode: str,
     lam: np.ndarray,
@@ -241,7 +258,10 @@ def update_lambda(
         mask = np.ones_like(mask)
     elif not mask.any():
         return np.asarray(lam, dtype=np.float64).copy()  # nothing reported: nothing moves
-    step = m.step(np.asarray(lam, dtype=np.float64), losses, mask, prior, s)
+    lam = np.asarray(lam, dtype=np.float64)
+    step = m.step(lam, losses, mask, prior, s)
+    if not m.closed_form:
+        step = keep_absent(step, lam, mask)
     mixed = mix_prior(step, prior, s.eps)
     if m.projection == "euclid":
         return project_capped_simplex_euclid(mixed, s.cap)
