@@ -13,7 +13,6 @@ from hdf.checkpoint import load_model
 from hdf.export import (
     SUFFIX,
     ClipClassifier,
-    ExportError,
     example_clips,
     export_model,
     load_exported,
@@ -90,12 +89,8 @@ def test_torchscript_logits_match_pytorch_without_dam(run_dir_no_dam: Path, tmp_
 
 
 def test_torchscript_with_dam(run_dir: Path, tmp_path: Path) -> None:
-    """Matches PyTorch once DAM traces to plain ops; until then, a clear error naming the fix."""
-    try:
-        _check_same_logits(run_dir, tmp_path / "m.ts", "torchscript")
-    except ExportError as err:
-        assert "--format export" in str(err)
-        pytest.xfail("DAM's fused autograd.Function is not TorchScript-serialisable yet")
+    """DAM traces to plain tensor ops, so the default model exports to TorchScript too."""
+    _check_same_logits(run_dir, tmp_path / "m.ts", "torchscript")
 
 
 def test_export_cli_writes_next_to_the_checkpoint(run_dir: Path, capsys) -> None:

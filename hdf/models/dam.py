@@ -14,8 +14,6 @@ it happens and collected in docs/hdf_method.md:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +52,24 @@ class _Descriptors(torch.autograd.Function):
         return grad.reshape(b, c, t, h, w)
 
 
+def _descriptors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(spatial avg B x C x T, spatial max B x C x T, (C, T) mean B x H x W) of x.
+
+    With gradients the fused `_Descriptors` runs; when no gradient is needed, or while
+    `torch.jit.trace` / `torch.export` records the graph (a Python autograd Function cannot be
+    serialised by TorchScript), the same values come from plain tensor ops.
+    """
+    if (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or not (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        flat = x.flatten(3)
+        return flat.mean(dim=3), flat.amax(dim=3), x.mean(dim=(1, 2))
+    return _Descriptors.apply(x)
+
+
 class RobustTemporalFusion(nn.Module):
     """Local-global robust fusion of pooled descriptors into a (0, 1) map (LocalGlobalRobustModule).
 
@@ -74,7 +90,7 @@ class RobustTemporalFusion(nn.Module):
         fused = self.alpha * avg + self.beta * mx
         # Fix: the released code differences along the pooled-channel axis (dim 2); the paper's
         # "Compensate" is a temporal difference, so we difference along time, D[:, 0] = 0.
-        diff = F.pad((avg[:, 1:] - avg[:, :-1]).abs(), (0, 0, 1, 0))
+        diff = F.pad(torch.diff(avg, dim=1).abs(), (0, 0, 1, 0))
         return torch.sigmoid(self.gamma * fused + self.delta * dev - diff)
 
 
@@ -95,9 +111,16 @@ class TemporalBranch(nn.Module):
 
     def _group(self, desc: torch.Tensor, pool: str) -> torch.Tensor:
         """B x C x T per-channel descriptor -> B x T x G per-group descriptor."""
+        b, c, t = desc.shape
+        if c == self.groups:
+            return desc.transpose(1, 2)
+        if c % self.groups == 0:
+            # Equal contiguous bins: adaptive pooling over C is a reshape and a reduction (the
+            # same values; max keeps a single arg-max per bin, as adaptive max pooling does).
+            binned = desc.reshape(b, self.groups, c // self.groups, t)
+            out = binned.mean(dim=2) if pool == "avg" else binned.max(dim=2).values
+            return out.transpose(1, 2)
         desc = desc.transpose(1, 2)  # B x T x C
-        if desc.shape[2] == self.groups:
-            return desc
         if pool == "avg":
             return F.adaptive_avg_pool1d(desc, self.groups)
         return F.adaptive_max_pool1d(desc, self.groups)
@@ -105,10 +128,14 @@ class TemporalBranch(nn.Module):
     def forward(self, avg: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
         """Spatial avg and max (B x C x T) -> temporal gate B x 1 x T x 1 x 1 (paper Fig. (b))."""
         p = self.robust(self._group(avg, "avg"), self._group(mx, "max"))  # B x T x G
-        p = self.fc_t(p.transpose(1, 2)).transpose(1, 2)  # the T-by-T linear map over time
-        q, k, v = self.q(p), self.k(p), self.v(p)
-        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.groups), dim=-1)
-        p = attn @ v  # single-head self-attention over the T tokens, no output projection
+        # The T-by-T linear map over time: fc_t(p^T)^T = W p, one broadcast matmul, no copies.
+        p = torch.matmul(self.fc_t.weight.to(p.dtype), p)
+        # q, k, v in one matmul (the three Linear modules keep their own parameters and keys).
+        weight = torch.cat((self.q.weight, self.k.weight, self.v.weight))
+        bias = torch.cat((self.q.bias, self.k.bias, self.v.bias))
+        q, k, v = F.linear(p, weight.to(p.dtype), bias.to(p.dtype)).chunk(3, dim=2)
+        # single-head self-attention over the T tokens, scale 1/sqrt(G), no output projection
+        p = F.scaled_dot_product_attention(q, k, v)
         return torch.sigmoid(p.mean(dim=2))[:, None, :, None, None]
 
 
@@ -124,10 +151,13 @@ class AdaptiveDynamicTanh(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z: B x K x P -> tanh(alpha / sigma * z) * weight + bias, sigma the std over K per P."""
+        # (torch.var over dim 1 is several times slower than this on CPU)
         centred = z - z.mean(dim=1, keepdim=True)
         var = centred.square().sum(dim=1, keepdim=True) / max(z.shape[1] - 1, 1)  # unbiased
         sigma = torch.sqrt(var + self.eps)
-        return torch.tanh(self.alpha / (sigma + self.eps) * z) * self.weight + self.bias
+        return torch.addcmul(
+            self.bias, torch.tanh(self.alpha / (sigma + self.eps) * z), self.weight
+        )
 
 
 class FrequencyBranch(nn.Module):
@@ -197,7 +227,7 @@ class DAM(nn.Module):
                 f"DAM({self.channels}, {self.frames}) expects B x {self.channels} x "
                 f"{self.frames} x H x W, got {tuple(x.shape)}"
             )
-        avg, mx, xbar = _Descriptors.apply(x)
+        avg, mx, xbar = _descriptors(x)
         # Both residual gates act on the same X, so the fused output is X times one small gate
         # (B x 1 x T x H x W): one pass over X instead of three.
         if self.frequency is None:
@@ -206,8 +236,10 @@ class DAM(nn.Module):
             gate = 1 + self.frequency(xbar)
         else:
             g_t, g_s = self.temporal(avg, mx), self.frequency(xbar)
-            gate = (self.w_t * (1 + g_t) + self.w_s * (1 + g_s)) / 2
-        return x * gate.to(x.dtype).expand_as(x)
+            # (w_t (1 + g_t) + w_s (1 + g_s)) / 2, with one full-size (B x 1 x T x H x W) op
+            half_t, half_s = self.w_t / 2, self.w_s / 2
+            gate = torch.addcmul(torch.addcmul(half_t + half_s, half_t, g_t), half_s, g_s)
+        return x * gate.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
