@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Start one site's SuperNode: it serves one data source and only talks to the SuperLink.
+#
+#   deploy/supernode.sh --superlink HOST:PORT --source NAME --data-root PATH --key certs/nodes/NAME \
+#                       [--ca certs/ca.crt] [--port 9094] [--state DIR] [extra flower-supernode flags]
+#
+#   --superlink HOST:PORT  the SuperLink's address (its certificate must name HOST)
+#   --source NAME          the source this site serves (a training source, or a held-out one:
+#                          a held-out site only evaluates)
+#   --data-root PATH       where this site's data lives (the synthetic benchmark caches there)
+#   --key FILE             this site's private key (deploy/make_certs.py --node NAME); the
+#                          operator registers FILE.pub with `flwr supernode register`
+#   --ca FILE              the federation CA certificate (default: certs/ca.crt)
+#   --port PORT            local port of the SuperNode's own Runtime API (default: 9094)
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+VENV="${VENV:-$ROOT/.venv}"
+SUPERLINK="" SOURCE="" DATA_ROOT="" KEY="" CA=certs/ca.crt PORT=9094 STATE=""
+EXTRA=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --superlink) SUPERLINK="$2"; shift 2 ;;
+    --source) SOURCE="$2"; shift 2 ;;
+    --data-root) DATA_ROOT="$2"; shift 2 ;;
+    --key) KEY="$2"; shift 2 ;;
+    --ca) CA="$2"; shift 2 ;;
+    --port) PORT="$2"; shift 2 ;;
+    --state) STATE="$2"; shift 2 ;;
+    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) EXTRA+=("$1"); shift ;;
+  esac
+done
+for v in SUPERLINK SOURCE DATA_ROOT KEY; do
+  [[ -n "${!v}" ]] || { echo "missing --$(echo "$v" | tr 'A-Z_' 'a-z-'); see --help" >&2; exit 2; }
+done
+[[ -f "$KEY" ]] || { echo "no private key at $KEY: python deploy/make_certs.py --node <name>" >&2; exit 2; }
+[[ -f "$CA" ]] || { echo "no CA certificate at $CA: copy ca.crt from the SuperLink operator" >&2; exit 2; }
+[[ "$SOURCE$DATA_ROOT" != *'"'* ]] || { echo "--source and --data-root may not contain double quotes" >&2; exit 2; }
+[[ -d "$VENV/bin" ]] && export PATH="$VENV/bin:$PATH"
+command -v flower-supernode >/dev/null || { echo "flower-supernode not found: install the project (make install) or set VENV" >&2; exit 2; }
+mkdir -p "$DATA_ROOT"
+STATE="${STATE:-$DATA_ROOT/.supernode}"
+mkdir -p "$STATE"
+KEY="$(realpath "$KEY")" CA="$(realpath "$CA")" DATA_ROOT="$(realpath "$DATA_ROOT")" STATE="$(realpath "$STATE")"
+export FLWR_HOME="${FLWR_HOME:-$STATE/flwr-home}"
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED="${FLWR_TELEMETRY_ENABLED:-0}"
+export FLWR_DISABLE_UPDATE_CHECK="${FLWR_DISABLE_UPDATE_CHECK:-1}" WANDB_MODE="${WANDB_MODE:-disabled}"
+# node-config values are TOML: strings must be quoted.
+exec flower-supernode \
+  --superlink "$SUPERLINK" \
+  --root-certificates "$CA" \
+  --auth-supernode-private-key "$KEY" \
+  --node-config "source=\"$SOURCE\" data-root=\"$DATA_ROOT\"" \
+  --port "$PORT" \
+  "${EXTRA[@]}"

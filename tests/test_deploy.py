@@ -1,0 +1,427 @@
+"""Deployment (issue 6): certificates, node authentication, docker-compose.yml, and a real
+multi-host federation in Linux network namespaces with a lost site and a killed server.
+
+The namespace tests need root and `ip`; where either is missing they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy import cluster as cl
+from deploy.connection import add_connection
+from deploy.make_certs import main as make_certs
+from deploy.make_certs import server_sans
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+FLWR_VERSION = "1.42.0"
+TRAIN = ["studio", "webcam", "movie"]
+HELDOUT = "phone"
+
+
+def _env(home: Path) -> dict[str, str]:
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # flower-* spawn flower-superexec
+    return {**os.environ, **cl.BASE_ENV, "FLWR_HOME": str(home), "COLUMNS": "200", "PATH": path}
+
+
+# ---- certificates and the connection file ------------------------------------------------------
+def test_make_certs_sans_chain_and_key_formats(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    out = tmp_path / "certs"
+    assert make_certs(["--out", str(out), "--san", "link.example.org", "--san", "10.1.2.3"]) == 0
+    assert make_certs(["--out", str(out), "--node", "site-a"]) == 0  # adds a node, keeps the CA
+    sans = server_sans(out / "server.pem")
+    assert {"link.example.org", "10.1.2.3", "localhost", "127.0.0.1"} <= set(sans)
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    # the formats flower-supernode and `flwr supernode register` read
+    key = load_ssh_private_key((out / "nodes" / "site-a").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert try_load_public_key(out / "nodes" / "site-a.pub")
+    assert oct((out / "nodes" / "site-a").stat().st_mode & 0o777) == "0o600"
+    assert (out / "superexec.secret").stat().st_size == 64
+    site = tmp_path / "site"  # a site makes its own key pair; nothing else
+    assert make_certs(["--out", str(site), "--node-only", "--node", "b"]) == 0
+    assert sorted(p.name for p in site.rglob("*") if p.is_file()) == ["b", "b.pub"]
+
+
+def test_connection_file_is_read_by_flwr(tmp_path: Path, monkeypatch) -> None:
+    from flwr.cli.flower_config import read_superlink_connection
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    (tmp_path / "ca.crt").write_text("x")
+    add_connection("hdf", "10.0.0.5:9443", str(tmp_path / "ca.crt"), default=True)
+    add_connection("other", "127.0.0.1:8000", None, insecure=True)
+    data = tomllib.loads((tmp_path / "config.toml").read_text())
+    assert data["superlink"]["default"] == "hdf" and data["superlink"]["local"]
+    conn = read_superlink_connection("hdf")
+    assert conn.address == "10.0.0.5:9443"
+    assert conn.root_certificates == str(tmp_path / "ca.crt")
+    assert read_superlink_connection(None).address == "10.0.0.5:9443"
+
+
+# ---- docker-compose.yml ------------------------------------------------------------------------
+def _flags(binary: str, home: Path) -> tuple[set[str], set[str]]:
+    """(every flag, the deprecated ones) from `binary --help` of the installed flwr."""
+    text = subprocess.run(
+        [str(BIN / binary), "--help"], capture_output=True, text=True, env=_env(home), timeout=60
+    ).stdout
+    flags = set(re.findall(r"(--[a-z][a-z0-9-]+)", text))
+    deprecated = set()
+    for block in re.split(r"\n  (?=-)", text):
+        names = re.findall(r"^(?:-\w, )?(--[a-z][a-z0-9-]+)", block)
+        if names and "deprecated" in block.lower():
+            deprecated.add(names[0])
+    assert "--help" in flags, f"{binary} --help printed nothing useful:\n{text}"
+    return flags, deprecated
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _args(svc: dict) -> list[str]:
+    cmd = svc["command"]
+    assert isinstance(cmd, list), "write commands as YAML lists (no shell word splitting)"
+    return [str(a) for a in cmd]
+
+
+def _opt(args: list[str], flag: str) -> str:
+    assert flag in args, f"{flag} missing in {args}"
+    return args[args.index(flag) + 1]
+
+
+def test_compose_schema_and_images(compose: dict) -> None:
+    import flwr
+
+    assert flwr.__version__ == FLWR_VERSION
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert f"flwr[simulation]=={FLWR_VERSION}" in pyproject["project"]["dependencies"]
+    services, volumes = compose["services"], compose["volumes"]
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert f"ARG FLWR_VERSION={FLWR_VERSION}" in dockerfile
+    assert "FROM flwr/superexec:${FLWR_VERSION}" in dockerfile
+    assert re.search(r'^ENTRYPOINT \["flower-superexec"\]', dockerfile, re.M)
+    for name, svc in services.items():
+        assert set(svc) <= {
+            "image", "build", "command", "ports", "volumes", "depends_on", "restart",
+            "profiles", "deploy", "environment",
+        }, name  # fmt: skip
+        image = svc["image"]
+        if image.startswith("flwr/"):
+            assert image.split(":")[1] == FLWR_VERSION, f"{name}: {image}"
+        else:
+            assert svc["build"]["dockerfile"] == "deploy/Dockerfile"
+            assert str(svc["build"]["args"]["FLWR_VERSION"]) == FLWR_VERSION
+            assert image.endswith(f"flwr-{FLWR_VERSION}"), image
+        for dep in svc.get("depends_on", []):
+            assert dep in services, f"{name} depends on unknown {dep}"
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if not src.startswith("."):
+                assert src in volumes, f"{name}: volume {src} not declared"
+            else:
+                assert (ROOT / src).resolve().parent == ROOT, f"{name}: {src} outside the repo"
+    gpu = [s for s in services.values() if "gpu" in s.get("profiles", [])]
+    assert gpu, "no GPU variant"
+    for svc in gpu:
+        dev = svc["deploy"]["resources"]["reservations"]["devices"][0]
+        assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
+
+
+def test_compose_commands_use_flwr_142_flags(compose: dict, tmp_path: Path) -> None:
+    binaries = {
+        "flwr/superlink": "flower-superlink",
+        "flwr/supernode": "flower-supernode",
+        "hdf-fed/superexec": "flower-superexec",  # deploy/Dockerfile's ENTRYPOINT
+    }
+    known = {b: _flags(b, tmp_path) for b in binaries.values()}
+    for name, svc in compose["services"].items():
+        binary = binaries[svc["image"].split(":")[0]]
+        flags, deprecated = known[binary]
+        for arg in _args(svc):
+            if arg.startswith("--"):
+                assert arg in flags, f"{name}: {binary} 1.42 has no {arg}"
+                assert arg not in deprecated, f"{name}: {arg} is deprecated in 1.42"
+        # certificate and key paths point into the read-only certificates mount
+        for arg in _args(svc):
+            if arg.startswith("certificates/"):
+                assert "./certs:/app/certificates:ro" in svc["volumes"], name
+
+
+def test_compose_federation_is_tls_authenticated_and_one_site_per_source(compose: dict) -> None:
+    from flwr.common.config import parse_config_args
+
+    from simulations.config import compose as hydra_compose
+
+    services = compose["services"]
+    link = _args(services["superlink"])
+    assert "--insecure" not in link and "--enable-supernode-auth" in link
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+        assert _opt(link, flag).startswith("certificates/")
+    port = _opt(link, "--port")
+    assert _opt(link, "--isolation") == "process"
+    cfg = hydra_compose(["experiment=deploy"])
+    assert str(cfg.server.heldout_eval) == "clients"
+    known_sources = ["studio", "webcam", "movie", "phone", "cctv", "night_ir"]
+    sites: dict[str, str] = {}
+    for name, svc in services.items():
+        args = _args(svc)
+        if svc["image"].startswith("flwr/supernode"):
+            assert "--insecure" not in args
+            assert _opt(args, "--superlink") == f"superlink:{port}"
+            assert _opt(args, "--root-certificates") == "certificates/ca.crt"
+            key = _opt(args, "--auth-supernode-private-key")
+            assert _opt(args, "--isolation") == "process"
+            node_cfg = parse_config_args([_opt(args, "--node-config")])  # flwr's own parser
+            assert node_cfg["source"] in known_sources and node_cfg["data-root"] == "/data"
+            assert key == f"certificates/nodes/{node_cfg['source']}"
+            sites[name] = str(node_cfg["source"])
+    assert sorted(sites.values()) == sorted(known_sources)
+    assert set(cfg.data.heldout) <= set(sites.values())
+    # every SuperNode has a ClientApp executor with its own data volume
+    data_volumes: dict[str, str] = {}
+    for name, svc in services.items():
+        if not svc["image"].startswith("hdf-fed/"):
+            continue
+        target = _opt(_args(svc), "--runtime-api-address")
+        if target.startswith("superlink:"):
+            assert target == f"superlink:{port}"
+            continue
+        node = target.split(":")[0]
+        assert node in sites, f"{name} executes for unknown {node}"
+        [vol] = [v for v in svc["volumes"] if v.endswith(":/data")]
+        assert data_volumes.setdefault(vol, node) == node, f"{vol} shared by two sites"
+    assert set(data_volumes.values()) == set(sites)
+
+
+# ---- node authentication on loopback -----------------------------------------------------------
+@pytest.mark.slow
+def test_only_registered_supernodes_join(tmp_path: Path, monkeypatch) -> None:
+    """TLS + --enable-supernode-auth: registered key joins, unknown key and no key are refused."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    certs = tmp_path / "certs"
+    make_certs(["--out", str(certs), "--node", "good", "--node", "rogue"])
+    home = tmp_path / "cli"
+    env = _env(home)
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    add_connection("hdf", f"127.0.0.1:{port}", str(certs / "ca.crt"), default=True)
+    procs: list[subprocess.Popen] = []
+
+    def start(cmd: list[str], log: str) -> subprocess.Popen:
+        penv = {**env, "FLWR_HOME": str(tmp_path / (log + ".home"))}
+        with open(tmp_path / log, "wb") as fh:
+            p = subprocess.Popen(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, env=penv, cwd=ROOT,
+                start_new_session=True,
+            )  # fmt: skip
+        procs.append(p)
+        return p
+
+    def flwr(*args: str) -> dict:
+        r = subprocess.run(
+            [str(BIN / "flwr"), *args, "--format", "json"], capture_output=True, text=True,
+            env=env, timeout=60,
+        )  # fmt: skip
+        return json.loads(r.stdout[r.stdout.find("{") :])
+
+    try:
+        link = start(
+            ["bash", str(ROOT / "deploy/superlink.sh"), "--certs", str(certs), "--host",
+             "127.0.0.1", "--port", str(port), "--state", str(tmp_path / "state")],
+            "superlink.log",
+        )  # fmt: skip
+        cl.Cluster.wait_for(
+            lambda: "Uvicorn running on https" in (tmp_path / "superlink.log").read_text(), 60,
+            "SuperLink start", None,
+        )  # fmt: skip
+        assert link.poll() is None
+        assert flwr("supernode", "register", str(certs / "nodes/good.pub"), "hdf")["success"]
+
+        def node(key: str | None, name: str, node_port: int) -> subprocess.Popen:
+            cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+                   "--root-certificates", str(certs / "ca.crt"), "--port", str(node_port),
+                   "--node-config", f'source="{name}"', "--max-retries", "1"]  # fmt: skip
+            if key:
+                cmd += ["--auth-supernode-private-key", str(certs / "nodes" / key)]
+            return start(cmd, f"{name}.log")
+
+        good = node("good", "good", port + 1)
+        rogue = node("rogue", "rogue", port + 2)
+        keyless = node(None, "keyless", port + 3)
+        rogue.wait(timeout=60)
+        keyless.wait(timeout=60)
+        assert rogue.returncode != 0 and keyless.returncode != 0
+        assert "Failed to activate SuperNode" in (tmp_path / "rogue.log").read_text()
+        assert "must be registered" in (tmp_path / "keyless.log").read_text()
+        cl.Cluster.wait_for(
+            lambda: [n["status"] for n in flwr("supernode", "list", "hdf")["nodes"]] == ["online"],
+            60, "registered node online", None,
+        )  # fmt: skip
+        assert good.poll() is None
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+# ---- a real multi-host federation in network namespaces ----------------------------------------
+def _rows(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    if not f.exists():
+        return []
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+
+
+def check_metrics_contract(
+    rows: list[dict], rounds: int, down: dict[int, set[str]] | None = None
+) -> None:
+    """The metrics.jsonl contract of simulation: one row per round, per-source everything
+    (`down`: round -> sites that were away, so have no validation scores that round)."""
+    assert [r["round"] for r in rows] == list(range(rounds + 1)), [r["round"] for r in rows]
+    for r in rows:
+        assert set(r["lambda"]) == set(TRAIN) and abs(sum(r["lambda"].values()) - 1) < 1e-6
+        away = (down or {}).get(r["round"], set())
+        assert set(r["train"]) == set(TRAIN) - away, r["train"].keys()
+        assert set(r["heldout"]) == {HELDOUT}, r["heldout"].keys()
+        for v in [*r["train"].values(), *r["heldout"].values()]:
+            assert 0 <= v["uar"] <= 1 and 0 <= v["war"] <= 1 and v["loss"] > 0
+            assert len(v["recall"]) == 7
+    for r in rows[1:]:
+        assert set(r["clients"]) <= set(TRAIN) and r["replied"] <= r["sent"]
+        assert HELDOUT not in r["clients"]  # the held-out site never trains
+
+
+OVERRIDES = "experiment=deploy_tiny +train.threads=1"
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    reason = cl.why_no_netns()
+    if reason:
+        pytest.skip(f"multi-host deployment test needs network namespaces: {reason}")
+    work = tmp_path_factory.mktemp("netns")
+    c = cl.Cluster(work, [*TRAIN, HELDOUT])
+    try:
+        c.start_superlink()
+        for s in c.sources:
+            assert c.register(s)["success"]
+        for s in c.sources:
+            c.start_site(s)
+        c.wait_for(lambda: c.online() == len(c.sources), 90, "every site online")
+        yield c
+    finally:
+        c.close()
+
+
+def _run(fed: cl.Cluster, run_dir: Path | str, extra: str = "", timeout: float = 600) -> int:
+    run_id = fed.submit(f"{OVERRIDES} {extra}".strip(), run_dir)
+    status = fed.wait_run(run_id, timeout)
+    assert status == "finished:completed", f"{status}\n{fed.log(run_id)[-4000:]}"
+    return run_id
+
+
+@pytest.mark.slow
+def test_multihost_run_tls_auth_completes(fed: cl.Cluster, tmp_path: Path) -> None:
+    """SuperLink + 4 SuperNodes on 5 hosts; a 2-round run writes the simulation's metrics."""
+    addrs = {fed.link_addr, *(s.addr for s in fed.sites.values())}
+    assert len(addrs) == 5 and all(a.startswith(f"10.{fed.subnet}.") for a in addrs)
+    run_dir = tmp_path / "run"
+    _run(fed, run_dir)
+    rows = _rows(run_dir)
+    check_metrics_contract(rows, 2)
+    assert all(r["replied"] == r["sent"] == len(TRAIN) for r in rows[1:])
+    assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoint.pt").exists()
+    assert "heldout_eval: clients" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_lost_site_round_finishes_and_site_rejoins(fed: cl.Cluster, tmp_path: Path) -> None:
+    """Kill a site (SuperNode, SuperExec, ClientApp) mid-round 2: round 2 ends with the others,
+    the site's lambda is kept; it comes back with a new registered key, so under a new node id
+    the server has never seen, is re-queried, and trains again in round 3."""
+    lost = "webcam"
+    timeout_s = 150
+    run_dir = tmp_path / "run"
+    old_ids = {n["node-id"] for n in fed.nodes()}
+    # The site's machine will come back reinstalled, with a new key the operator registers
+    # beforehand; its old node id stays silent until the SuperLink declares it offline (~45 s),
+    # which leaves the new SuperNode time to connect before round 3 starts.
+    fed.new_key(lost, f"{lost}-reinstalled")
+    run_id = fed.submit(f"{OVERRIDES} rounds=3 server.round_timeout_s={timeout_s}", run_dir)
+    fed.wait_for(lambda: len(_rows(run_dir)) >= 2, 600, "round 1 done")  # rows 0 and 1
+    time.sleep(1.0)  # round 2's train messages are out
+    fed.stop_site(lost)  # SIGKILL to the SuperNode, its SuperExec and its ClientApp
+    t_kill = time.monotonic()
+    fed.start_site(lost)
+    fed.wait_for(lambda: len(_rows(run_dir)) >= 3, 2 * timeout_s + 120, "round 2 done")
+    round2_s = time.monotonic() - t_kill
+    status = fed.wait_run(run_id, 600)
+    assert status == "finished:completed", f"{status}\n{fed.log(run_id)[-4000:]}"
+    new_ids = {n["node-id"] for n in fed.nodes() if n["status"] == "online"} - old_ids
+    assert len(new_ids) == 1, "the returning site should have a new node id"
+    rows = _rows(run_dir)
+    check_metrics_contract(rows, 3, down={2: {lost}})
+    r1, r2, r3 = rows[1], rows[2], rows[3]
+    assert set(r1["clients"]) == set(TRAIN)
+    assert set(r2["clients"]) == set(TRAIN) - {lost}, r2["clients"].keys()
+    # its weight is kept (not dropped or reset); see the report on how much EG moves it
+    assert r2["lambda"][lost] > 0 and r3["lambda"][lost] > 0
+    assert round2_s < 2 * timeout_s + 60, round2_s  # train and evaluate each bounded
+    assert set(r3["clients"]) == set(TRAIN), f"{lost} did not rejoin: {r3['clients'].keys()}"
+    assert r3["replied"] == r3["sent"] == len(TRAIN)
+
+
+@pytest.mark.slow
+def test_killed_server_resumes_from_checkpoint(fed: cl.Cluster, tmp_path: Path) -> None:
+    """Kill the SuperLink with its ServerApp after round 1, restart it on its database (the
+    registered keys survive, the sites reconnect on their own) and resume from the run folder:
+    round 2 follows round 1 and nothing is repeated."""
+    run_dir = tmp_path / "run"
+    run_id = fed.submit(OVERRIDES, run_dir)
+    fed.wait_for(lambda: len(_rows(run_dir)) >= 2, 600, "round 1 done")
+    fed.superlink.kill(signal.SIGKILL)
+    assert len(_rows(run_dir)) < 3
+    fed.start_superlink()
+    fed.wait_for(lambda: fed.online() == len(fed.sources), 180, "sites reconnect")
+    resumed = _run(fed, "", f"resume={run_dir}", timeout=600)
+    assert resumed != run_id
+    check_metrics_contract(_rows(run_dir), 2)
+    assert (run_dir / "done").exists()
+
+
+def test_netns_skip_reason_is_explicit(monkeypatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda _: None)
+    assert "iproute2" in (cl.why_no_netns() or "")
+    monkeypatch.setattr(shutil, "which", lambda _: "/usr/sbin/ip")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "root" in (cl.why_no_netns() or "")
