@@ -41,7 +41,7 @@ def config_key(cfg_yaml: str) -> str:
 def resolve_source(cfg: DictConfig, node_config: dict[str, Any]) -> tuple[Source, bool]:
     """The source this node serves, and whether it is held out.
 
-    A deployed site names its source in `--node-config "source=NAME"` (and may point the data
+    A deployed site names its source in `--node-config 'source="NAME"'` (and may point the data
     root elsewhere with `data-root=PATH`); in simulation the partition id indexes the training
     sources in config order.
     """
@@ -70,7 +70,7 @@ def resolve_source(cfg: DictConfig, node_config: dict[str, Any]) -> tuple[Source
         return train[pid], False
     raise ValueError(
         "this SuperNode does not say which source it serves: start it with "
-        '--node-config "source=<name> data-root=<path>"'
+        "--node-config 'source=\"<name>\" data-root=\"<path>\"' (TOML strings are quoted)"
     )
 
 

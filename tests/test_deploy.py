@@ -351,6 +351,7 @@ def _run(fed: cl.Cluster, run_dir: Path | str, extra: str = "", timeout: float =
 
 
 @pytest.mark.slow
+@pytest.mark.multihost
 def test_multihost_run_tls_auth_completes(fed: cl.Cluster, tmp_path: Path) -> None:
     """SuperLink + 4 SuperNodes on 5 hosts; a 2-round run writes the simulation's metrics."""
     addrs = {fed.link_addr, *(s.addr for s in fed.sites.values())}
@@ -365,6 +366,7 @@ def test_multihost_run_tls_auth_completes(fed: cl.Cluster, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.multihost
 def test_lost_site_round_finishes_and_site_rejoins(fed: cl.Cluster, tmp_path: Path) -> None:
     """Kill a site (SuperNode, SuperExec, ClientApp) mid-round 2: round 2 ends with the others,
     the site's lambda is kept; it comes back with a new registered key, so under a new node id
@@ -402,6 +404,7 @@ def test_lost_site_round_finishes_and_site_rejoins(fed: cl.Cluster, tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.multihost
 def test_killed_server_resumes_from_checkpoint(fed: cl.Cluster, tmp_path: Path) -> None:
     """Kill the SuperLink with its ServerApp after round 1, restart it on its database (the
     registered keys survive, the sites reconnect on their own) and resume from the run folder:
