@@ -77,11 +77,21 @@ def test_resume_equals_uninterrupted(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_federation_improves_the_worst_source(tmp_path) -> None:
-    """A short real federation ends with a better worst-source validation UAR than round 0."""
-    cfg = _cfg(tmp_path, "rounds=4", "data.scale=0.3", "model.width=8")
+    """A short real federation at the default clip size and model ends with a better worst
+    training source (validation UAR) than the initial model."""
+    cfg = compose(
+        [
+            "data.sources=[studio,movie,webcam,phone]",
+            "data.heldout=[phone]",
+            "rounds=6",
+            "output.wandb=disabled",
+            f"data.root={tmp_path / 'cache'}",
+            f"output.root={tmp_path / 'runs'}",
+        ]
+    )
     run = open_run(cfg)
     simulate(cfg, run)
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     worst = [min(v["uar"] for v in r["train"].values()) for r in rows]
     assert worst[-1] > worst[0] + 0.05, worst
-    assert np.mean([v["uar"] for v in rows[-1]["train"].values()]) > 0.3
+    assert np.mean([v["uar"] for v in rows[-1]["train"].values()]) > 0.25
