@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from torch import nn
-from torchvision.models import video as tv_video
 
 from hdf.models.registry import register_backbone
 from hdf.models.tiny3d import norm3d
@@ -28,8 +27,15 @@ def swap_batchnorm(module: nn.Module, norm: str) -> nn.Module:
     return module
 
 
-def _video_resnet(factory: Callable[..., nn.Module], norm: str) -> nn.Module:
-    """A torchvision VideoResNet without weights, its head dropped, annotated as an HDF backbone."""
+def _video_resnet(name: str, norm: str) -> nn.Module:
+    """A torchvision VideoResNet without weights, its head dropped, annotated as an HDF backbone.
+
+    torchvision is imported here, not at module load: importing it costs seconds of CPU, and a
+    deployed SuperNode starts a fresh ClientApp process for every message.
+    """
+    from torchvision.models import video as tv_video
+
+    factory: Callable[..., nn.Module] = getattr(tv_video, name)
     net = factory(weights=None)  # never download: initial weights come from model.weights
     net.fc = nn.Identity()  # HDFNet owns pooling and the num_classes head
     net.stage_channels = [64, 128, 256, 512]
@@ -55,7 +61,7 @@ def r3d_18(
     Reference: Tran et al., "A Closer Look at Spatiotemporal Convolutions for Action Recognition",
     CVPR 2018; the baseline backbone of M3DFEL, on which HDF's training code is built.
     """
-    return _video_resnet(tv_video.r3d_18, norm)
+    return _video_resnet("r3d_18", norm)
 
 
 @register_backbone("mc3_18")
@@ -74,7 +80,7 @@ def mc3_18(
     Reference: Tran et al., "A Closer Look at Spatiotemporal Convolutions for Action Recognition",
     CVPR 2018.
     """
-    return _video_resnet(tv_video.mc3_18, norm)
+    return _video_resnet("mc3_18", norm)
 
 
 @register_backbone("r2plus1d_18")
@@ -93,4 +99,4 @@ def r2plus1d_18(
     Reference: Tran et al., "A Closer Look at Spatiotemporal Convolutions for Action Recognition",
     CVPR 2018.
     """
-    return _video_resnet(tv_video.r2plus1d_18, norm)
+    return _video_resnet("r2plus1d_18", norm)
