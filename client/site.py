@@ -70,7 +70,7 @@ def resolve_source(cfg: DictConfig, node_config: dict[str, Any]) -> tuple[Source
         return train[pid], False
     raise ValueError(
         "this SuperNode does not say which source it serves: start it with "
-        "--node-config 'source=\"<name>\" data-root=\"<path>\"' (TOML strings are quoted)"
+        '--node-config \'source="<name>" data-root="<path>"\' (TOML strings are quoted)'
     )
 
 

@@ -59,5 +59,5 @@ def test_evaluate_reply_reports_source_and_recall(cfg) -> None:
 def test_unknown_source_name_is_a_clear_error(cfg) -> None:
     """Called directly the ClientApp raises; Flower's runtime turns this into an error reply."""
     msg, _ = _message(cfg, MessageType.TRAIN)
-    with pytest.raises(ValueError, match="source='no-such-site'.*known sources"):
+    with pytest.raises(ValueError, match=r"source='no-such-site'.*known sources"):
         app(msg, _context({"source": "no-such-site"}))
