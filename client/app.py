@@ -11,12 +11,12 @@ import math
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from hdf.train import loss_on_sample, train_local
 
 from client.site import Site, get_site
 from hdf import contract as K
 from hdf.classes import NUM_CLASSES
 from hdf.evaluate import evaluate as evaluate_model
+from hdf.train import loss_on_sample, train_local
 
 app = ClientApp()
 
