@@ -16,6 +16,7 @@ from client.site import Site, get_site
 from hdf import contract as K
 from hdf.classes import NUM_CLASSES
 from hdf.evaluate import evaluate as evaluate_model
+from hdf.models.hdf_net import norm_state_keys
 from hdf.train import loss_on_sample, train_local
 
 app = ClientApp()
@@ -24,16 +25,6 @@ app = ClientApp()
 def _site(msg: Message, context: Context) -> tuple[Site, ConfigRecord]:
     config = msg.content[K.CONFIG]
     return get_site(str(config[K.RUN_CONFIG]), dict(context.node_config)), config
-
-
-def norm_state_keys(model: torch.nn.Module) -> list[str]:
-    """State-dict keys of every normalization layer (parameters and running statistics)."""
-    norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
-    keys: list[str] = []
-    for name, module in model.named_modules():
-        if isinstance(module, norm_types):
-            keys += [f"{name}.{k}" if name else k for k in module.state_dict()]
-    return keys
 
 
 def restore_local_norm(model: torch.nn.Module, context: Context) -> None:

@@ -338,7 +338,8 @@ def test_fedbn_client_keeps_its_norm_layers_across_rounds() -> None:
     import torch
     from flwr.app import Context, RecordDict
 
-    from client.app import norm_state_keys, restore_local_norm, save_local_norm
+    from client.app import restore_local_norm, save_local_norm
+    from hdf.models.hdf_net import norm_state_keys
 
     model = torch.nn.Sequential(
         torch.nn.Conv3d(1, 2, 1), torch.nn.BatchNorm3d(2), torch.nn.GroupNorm(1, 2)

@@ -213,12 +213,17 @@ class HDFNet(nn.Module):
 
     def norm_state_keys(self) -> list[str]:
         """state_dict keys of normalisation layers (FedBN keeps these local)."""
-        keys = []
-        for mod_name, mod in self.named_modules():
-            if isinstance(mod, _NORM_TYPES):
-                prefix = f"{mod_name}." if mod_name else ""
-                keys += [prefix + k for k in mod.state_dict(keep_vars=True)]
-        return keys
+        return norm_state_keys(self)
+
+
+def norm_state_keys(module: nn.Module) -> list[str]:
+    """state_dict keys of every normalisation layer of `module`: parameters and running stats."""
+    keys = []
+    for mod_name, mod in module.named_modules():
+        if isinstance(mod, _NORM_TYPES):
+            prefix = f"{mod_name}." if mod_name else ""
+            keys += [prefix + k for k in mod.state_dict(keep_vars=True)]
+    return keys
 
 
 def build_model(model_cfg: Any, num_frames: int, size: int, num_classes: int = 7) -> HDFNet:

@@ -170,12 +170,20 @@ class SourceFedAvg(FedAvg):
         """Every online node evaluates: training sources on val, held-out nodes on test."""
         if self.fraction_evaluate == 0.0:
             return []
-        online = set(grid.get_node_ids())
-        nodes = sorted(n for n in self.node_source if n in online)
-        cfg = ConfigRecord(dict(config))
-        cfg[K.SERVER_ROUND] = server_round
+        cfg = self.evaluate_config(server_round, config)
         record = RecordDict({K.ARRAYS: arrays, K.CONFIG: cfg})
-        return self._construct_messages(record, nodes, MessageType.EVALUATE)
+        return self._construct_messages(record, self.evaluation_nodes(grid), MessageType.EVALUATE)
+
+    def evaluation_nodes(self, grid: Grid) -> list[int]:
+        """Every online node whose source is known (training and held-out sites)."""
+        online = set(grid.get_node_ids())
+        return sorted(n for n in self.node_source if n in online)
+
+    def evaluate_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        """The config sent with every evaluate message (a copy, as for training)."""
+        out = ConfigRecord(dict(config))
+        out[K.SERVER_ROUND] = server_round
+        return out
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -5,10 +5,7 @@ Paper: https://openreview.net/pdf?id=6YEQUn0QICG
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
+from flwr.app import ConfigRecord
 
 from hdf import contract as K
 from server.strategy.base import SourceFedAvg
@@ -33,10 +30,8 @@ class FedBN(SourceFedAvg):
         out[K.FEDBN] = 1
         return out
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def evaluate_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         """Evaluate as FedAvg does, with the flag so sites apply their own norm layers."""
-        cfg = ConfigRecord(dict(config))
-        cfg[K.FEDBN] = 1
-        return super().configure_evaluate(server_round, arrays, cfg, grid)
+        out = super().evaluate_config(server_round, config)
+        out[K.FEDBN] = 1
+        return out

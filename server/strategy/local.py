@@ -83,11 +83,8 @@ class LocalOnly(SourceFedAvg):
         """Training nodes score their own model; held-out nodes score the soup."""
         if self.fraction_evaluate == 0.0:
             return []
-        online = set(grid.get_node_ids())
-        nodes = sorted(n for n in self.node_source if n in online)
-        cfg = ConfigRecord(dict(config))
-        cfg[K.SERVER_ROUND] = server_round
-        return self._messages(nodes, arrays, cfg, MessageType.EVALUATE)
+        cfg = self.evaluate_config(server_round, config)
+        return self._messages(self.evaluation_nodes(grid), arrays, cfg, MessageType.EVALUATE)
 
     def weights_by_source(self) -> dict[int, float]:
         """The soup's weights: uniform over the sources that have a model."""
