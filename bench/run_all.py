@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -204,42 +203,6 @@ def federation_overhead(quick: bool, tmp: Path) -> dict[str, Any]:
     return out
 
 
-def npy_view(arr: Any) -> Any:
-    """Zero-copy read-only view of a Flower Array's .npy bytes (`Array.numpy()` copies)."""
-    import io
-
-    import numpy as np
-
-    header = io.BytesIO(bytes(arr.data[:4096]))
-    np.lib.format.read_magic(header)
-    shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
-    flat = np.frombuffer(arr.data, dtype=dtype, count=int(np.prod(shape)), offset=header.tell())
-    return flat.reshape(shape, order="F" if fortran else "C")
-
-
-def one_pass_norms(replies: list[Any], reference: Any) -> list[float]:
-    """Prototype for server/validation.py: non-finite check and update norm in one pass.
-
-    ||update - global||^2 summed in float64 over float32 differences; a NaN or Inf anywhere makes
-    the sum non-finite, so the per-array `isfinite` pass (and two `np.load` copies per array)
-    are only needed to name the bad array once the sum says there is one.
-    """
-    import numpy as np
-
-    refs = {k: npy_view(a) for k, a in reference.items()}
-    norms = []
-    for m in replies:
-        total = 0.0
-        for key, a in m.content["arrays"].items():
-            v = npy_view(a)
-            if v.dtype.kind != "f":
-                continue
-            d = (v - refs[key]).ravel()
-            total += float(np.dot(d, d))
-        norms.append(math.sqrt(total) if math.isfinite(total) else float("nan"))
-    return norms
-
-
 # ---- 2. aggregation ---------------------------------------------------------------------------
 def aggregation(quick: bool, tmp: Path) -> dict[str, Any]:
     """DRO.aggregate_train vs Flower's FedAvg.aggregate_train on the same replies (r3d_18 size)."""
@@ -300,9 +263,6 @@ def aggregation(quick: bool, tmp: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         weighted_average([m.content["arrays"] for m in replies], [1.0] * k)
         best["dro_weighted_average"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        one_pass_norms(replies, current)
-        best["proposed_one_pass_validation"] = time.perf_counter() - t0
         out["cases"][f"K={k}"] = {
             "ratio": round(best["dro"] / best["flower_fedavg"], 3),
             "seconds": {n: round(v, 3) for n, v in best.items()},

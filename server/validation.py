@@ -15,6 +15,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from hdf import contract as K
+from server.arrays import array_view
 
 REQUIRED_TRAIN_METRICS = (K.NUM_EXAMPLES, K.SOURCE_INDEX, K.LOSS_BEFORE, K.TRAIN_LOSS)
 NORM_OUTLIER_FACTOR = 10.0  # an update norm above this multiple of the median is rejected
@@ -61,23 +62,32 @@ def _reason(
                 return f"array {key!r} has shape {tuple(a.shape)}, expected {tuple(ref.shape)}"
             if a.dtype != ref.dtype:
                 return f"array {key!r} has dtype {a.dtype}, expected {ref.dtype}"
-    for key, a in arrays.items():
-        v = a.numpy()
-        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
-            return f"array {key!r} holds NaN or Inf"
     return None
 
 
+def _non_finite(arrays: ArrayRecord) -> str:
+    """Name the first floating array holding NaN or Inf (called once a norm came out NaN)."""
+    for key, a in arrays.items():
+        v = array_view(a)
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            return f"array {key!r} holds NaN or Inf"
+    return "the update holds NaN or Inf"
+
+
 def update_norm(arrays: ArrayRecord, reference: ArrayRecord | None) -> float:
-    """L2 norm of (update - global) over floating arrays (of the update itself without one)."""
+    """L2 norm of (update - global) over floating arrays (of the update itself without one).
+
+    Differences are taken in the arrays' own precision and summed in float64, read in place; a
+    NaN or Inf anywhere makes the result non-finite.
+    """
     total = 0.0
     for key, a in arrays.items():
-        v = a.numpy()
-        if not np.issubdtype(v.dtype, np.floating):
+        v = array_view(a)
+        if v.dtype.kind != "f":
             continue
-        d = v.astype(np.float64) - (reference[key].numpy() if reference is not None else 0.0)
-        total += float(np.vdot(d, d))
-    return math.sqrt(total)
+        d = (v - array_view(reference[key]) if reference is not None else v).ravel()
+        total += float(np.dot(d, d))
+    return math.sqrt(total) if math.isfinite(total) else math.nan
 
 
 def validate_train_replies(
@@ -88,15 +98,19 @@ def validate_train_replies(
 ) -> tuple[list[Message], list[dict[str, Any]]]:
     """(valid replies, rejections as {"node", "reason"}) for one round of training replies."""
     valid: list[Message] = []
+    norms: list[float] = []
     rejected: list[dict[str, Any]] = []
     for msg in replies:
         reason = _reason(msg, reference, train_sources, node_source)
-        if reason is None:
-            valid.append(msg)
-        else:
-            rejected.append({"node": msg.metadata.src_node_id, "reason": reason})
+        if reason is None:  # one pass gives the norm and finds a NaN or Inf anywhere
+            norm = update_norm(msg.content[K.ARRAYS], reference)
+            if math.isfinite(norm):
+                valid.append(msg)
+                norms.append(norm)
+                continue
+            reason = _non_finite(msg.content[K.ARRAYS])
+        rejected.append({"node": msg.metadata.src_node_id, "reason": reason})
     if len(valid) >= 3:
-        norms = [update_norm(m.content[K.ARRAYS], reference) for m in valid]
         median = float(np.median(norms))
         keep = []
         for m, n in zip(valid, norms, strict=True):

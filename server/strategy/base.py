@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from hdf import contract as K
+from server.arrays import array_view
 from server.validation import validate_train_replies
 
 log = logging.getLogger(__name__)
@@ -229,48 +230,25 @@ class SourceFedAvg(FedAvg):
 
 
 def weighted_average(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
-    """sum_i w_i * arrays_i / sum_i w_i, key by key, in float64 then cast back.
+    """sum_i w_i * arrays_i / sum_i w_i, key by key.
 
     Each array is read in place from its record's bytes (`Array.numpy()` copies them through
     `np.load`), and the scaled term goes through one reused buffer per key, so a round costs one
     pass over every update and no allocation per reply.
     """
-    import io
-
     total = float(sum(weights))
     if total <= 0:
         raise ValueError(f"aggregation weights sum to {total}; need a positive total")
-
-    def view(arr: Array) -> np.ndarray:
-        """A read-only view of an Array's .npy bytes (a copy via `Array.numpy()` if not .npy)."""
-        data = arr.data
-        if isinstance(data, bytes | bytearray | memoryview) and bytes(data[:6]) == b"\x93NUMPY":
-            header = io.BytesIO(bytes(data[:4096]))
-            version = np.lib.format.read_magic(header)
-            if version in ((1, 0), (2, 0)):
-                read = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
-                )
-                try:
-                    shape, fortran, dtype = read(header)
-                except ValueError:  # header longer than the peeked bytes
-                    return arr.numpy()
-                if not dtype.hasobject:
-                    count = int(np.prod(shape, dtype=np.int64))
-                    flat = np.frombuffer(data, dtype=dtype, count=count, offset=header.tell())
-                    return flat.reshape(shape, order="F" if fortran else "C")
-        return arr.numpy()
-
     factors = [w / total for w in weights]
     out: dict[str, Array] = {}
     for key in records[0]:
-        ref = view(records[0][key])
-        acc = np.zeros(ref.shape, dtype=np.float64)
-        term = np.empty(ref.shape, dtype=ref.dtype if ref.dtype.kind == "f" else np.float64)
+        ref = array_view(records[0][key])
+        # floats accumulate in their own precision (as Flower's FedAvg does); integers in float64
+        work = ref.dtype if ref.dtype.kind == "f" else np.float64
+        acc = np.zeros(ref.shape, dtype=work)
+        term = np.empty(ref.shape, dtype=work)
         for rec, f in zip(records, factors, strict=True):
-            np.multiply(view(rec[key]), f, out=term, casting="unsafe")
+            np.multiply(array_view(rec[key]), f, out=term, casting="unsafe")
             acc += term
         if np.issubdtype(ref.dtype, np.integer):
             acc = np.rint(acc)
