@@ -122,8 +122,8 @@ class SourceFedAvg(FedAvg):
         if self.fraction_train == 0.0:
             return []
         nodes = self.sample_training_nodes(server_round, self.training_nodes(grid))
-        record = RecordDict({K.ARRAYS: arrays, K.CONFIG: self.train_config(server_round, config)})
-        return self._construct_messages(record, nodes, MessageType.TRAIN)
+        cfg = self.train_config(server_round, config)
+        return self.messages(nodes, arrays, cfg, MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -172,8 +172,24 @@ class SourceFedAvg(FedAvg):
         if self.fraction_evaluate == 0.0:
             return []
         cfg = self.evaluate_config(server_round, config)
-        record = RecordDict({K.ARRAYS: arrays, K.CONFIG: cfg})
-        return self._construct_messages(record, self.evaluation_nodes(grid), MessageType.EVALUATE)
+        return self.messages(self.evaluation_nodes(grid), arrays, cfg, MessageType.EVALUATE)
+
+    def arrays_for(self, node: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The model sent to `node`: the global one (local-only training sends each its own)."""
+        return arrays
+
+    def messages(
+        self, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str
+    ) -> list[Message]:
+        """One message per node carrying `arrays_for(node)` and `config`."""
+        return [
+            Message(
+                content=RecordDict({K.ARRAYS: self.arrays_for(n, arrays), K.CONFIG: config}),
+                message_type=kind,
+                dst_node_id=n,
+            )
+            for n in nodes
+        ]
 
     def evaluation_nodes(self, grid: Grid) -> list[int]:
         """Every online node whose source is known (training and held-out sites)."""

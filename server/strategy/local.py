@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, Message
 
 from hdf import contract as K
 from server.strategy.base import SourceFedAvg, weighted_average
@@ -33,34 +31,12 @@ class LocalOnly(SourceFedAvg):
         super().__init__(**kwargs)
         self.local: dict[int, ArrayRecord] = {}
 
-    def _arrays_for(self, node: int, default: ArrayRecord) -> ArrayRecord:
+    def arrays_for(self, node: int, arrays: ArrayRecord) -> ArrayRecord:
+        """A training node gets its own source's model; held-out nodes get the soup."""
         src = self.node_source.get(node)
         if src is None or node in self.heldout_nodes:
-            return default
-        return self.local.get(src, default)
-
-    def _messages(
-        self, nodes: list[int], default: ArrayRecord, config: ConfigRecord, kind: str
-    ) -> list[Message]:
-        return [
-            Message(
-                content=RecordDict({K.ARRAYS: self._arrays_for(n, default), K.CONFIG: config}),
-                message_type=kind,
-                dst_node_id=n,
-            )
-            for n in nodes
-        ]
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Send every sampled node its own source's model."""
-        self.current_arrays = arrays
-        if self.fraction_train == 0.0:
-            return []
-        nodes = self.sample_training_nodes(server_round, self.training_nodes(grid))
-        cfg = self.train_config(server_round, config)
-        return self._messages(nodes, arrays, cfg, MessageType.TRAIN)
+            return arrays
+        return self.local.get(src, arrays)
 
     def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         """Keep each source's update as its model; the global model is their uniform soup."""
@@ -76,15 +52,6 @@ class LocalOnly(SourceFedAvg):
             )
         models = list(self.local.values())
         return weighted_average(models, [1.0] * len(models))
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Training nodes score their own model; held-out nodes score the soup."""
-        if self.fraction_evaluate == 0.0:
-            return []
-        cfg = self.evaluate_config(server_round, config)
-        return self._messages(self.evaluation_nodes(grid), arrays, cfg, MessageType.EVALUATE)
 
     def weights_by_source(self) -> dict[int, float]:
         """The soup's weights: uniform over the sources that have a model."""
