@@ -92,6 +92,16 @@ def train(msg: Message, context: Context) -> Message:
             K.SKIPPED_CLIPS: int(getattr(data, "skipped", 0)),
         }
     )
+    if int(config.get(K.LOCAL_VAL, 0)) == 1:
+        # FedDG-GA's "before" loss: the local model on the split the server's "after" uses.
+        local = evaluate_model(
+            site.model,
+            site.source.split("val"),
+            site.device,
+            batch_size=int(cfg.eval.batch_size),
+            precision=str(cfg.precision),
+        )
+        metrics[K.LOCAL_VAL_LOSS] = float(local["loss"])
     content = RecordDict({K.ARRAYS: ArrayRecord(site.model.state_dict()), K.METRICS: metrics})
     return Message(content=content, reply_to=msg)
 

@@ -16,6 +16,7 @@ LOCAL_EPOCHS = "local-epochs"
 LR = "lr"
 PROXIMAL_MU = "proximal-mu"
 SPLIT = "split"  # evaluate: which split of the source to score ("val" or "test")
+LOCAL_VAL = "local-val"  # train: 1 asks the client to score its trained model on its val split
 
 # Client -> server metric keys.
 NUM_EXAMPLES = "num-examples"

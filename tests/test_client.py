@@ -49,6 +49,23 @@ def test_train_reply_passes_flower_consistency_check(cfg) -> None:
     assert any(not np.array_equal(got[k].numpy(), sent[k].numpy()) for k in sent)
 
 
+def test_local_val_loss_is_the_trained_model_on_its_val_split(cfg) -> None:
+    """Asked with `local-val`, train reports the loss an evaluate of its own update would give;
+    unasked, it spends no time on it."""
+    msg, _ = _message(cfg, MessageType.TRAIN)
+    node = {"partition-id": 1, "num-partitions": 2}
+    plain = app(msg, _context(node)).content[K.METRICS]
+    assert K.LOCAL_VAL_LOSS not in plain
+    msg.content[K.CONFIG][K.LOCAL_VAL] = 1
+    reply = app(msg, _context(node)).content
+    local = reply[K.METRICS][K.LOCAL_VAL_LOSS]
+    ev, _ = _message(cfg, MessageType.EVALUATE)
+    ev.content[K.ARRAYS] = reply[K.ARRAYS]
+    scored = app(ev, _context(node)).content[K.METRICS]
+    assert local == pytest.approx(scored[K.LOSS], rel=1e-5)
+    assert local != pytest.approx(reply[K.METRICS][K.TRAIN_LOSS], rel=1e-3)
+
+
 def test_evaluate_reply_reports_source_and_recall(cfg) -> None:
     msg, _ = _message(cfg, MessageType.EVALUATE)
     reply = app(msg, _context({"partition-id": 0, "num-partitions": 2})).content[K.METRICS]

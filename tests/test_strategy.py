@@ -216,12 +216,17 @@ def test_qfedavg_step_by_hand() -> None:
 
 
 def test_feddg_ga_adjusts_weights_by_the_gap() -> None:
-    """Round 1 mixes uniformly: (0 + 1 + 2) / 3 = 1. Local models' train losses (.5, .5, .5),
-    validation losses of the aggregate (.6, .9, .6): gaps (.1, .4, .1), d = .2 (R = 0: no
-    decay): the test_dro_math example, weights (.233333, .533333, .233333). Round 2 mixes
-    (0, 1, 2) with them: .533333 + 2 * .233333 = 1."""
+    """Round 1 mixes uniformly: (0 + 1 + 2) / 3 = 1. Local models' validation losses
+    (.5, .5, .5) (their train losses, 9, must not be used), validation losses of the aggregate
+    (.6, .9, .6): gaps (.1, .4, .1), d = .2 (R = 0: no decay): the test_dro_math example,
+    weights (.233333, .533333, .233333). Round 2 mixes (0, 1, 2) with them:
+    .533333 + 2 * .233333 = 1."""
     s = _strategy(FedDGGA, step=0.2)
-    replies = [train_reply(10 + i, _arrays(float(i)), source=i, train_loss=0.5) for i in range(3)]
+    sent = list(s.configure_train(1, arrays_record(GLOBAL), ConfigRecord({}), FakeGrid([10])))
+    assert sent[0].content[K.CONFIG][K.LOCAL_VAL] == 1
+    replies = [train_reply(10 + i, _arrays(float(i)), source=i, train_loss=9.0) for i in range(3)]
+    for m in replies:
+        m.content[K.METRICS][K.LOCAL_VAL_LOSS] = 0.5
     arrays, _ = s.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 1.0), rtol=1e-6)
     s.aggregate_evaluate(

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from hdf import contract as K
 from server.strategy.base import SourceFedAvg
@@ -25,12 +25,12 @@ class FedDGGA(SourceFedAvg):
 
     Gap of source k after round r: G_k = L_k(global model after aggregation) - L_k(k's own local
     model before aggregation). "After" is the source's validation loss from the round's
-    federated evaluation (`eval_by_source`). "Before" should be the local model's loss on the
-    same split: a client that reports `local-val-loss` is used as such; otherwise its
-    `train-loss` (the local model's loss during local training) stands in. Only relative gaps
-    matter (the update is mean-centred and scaled by the largest), so a common offset between
-    the two losses cancels. The new weights apply from the next round; sources without both
-    numbers this round keep their weight.
+    federated evaluation (`eval_by_source`). "Before" is the local model's loss on the same
+    split: every train message asks for it (`local-val`) and the client reports
+    `local-val-loss`. A client that does not stands in its `train-loss`, which is a different
+    loss (HDF's weighted CE + contrastive terms, on augmented clips, under SAM), so its gap is
+    biased; that fallback only keeps older clients working. The new weights apply from the next
+    round; sources without both numbers this round keep their weight.
 
     Parameters
     ----------
@@ -49,6 +49,12 @@ class FedDGGA(SourceFedAvg):
         self.weights = np.full(len(self.train_sources), 1.0 / len(self.train_sources))
         self.local_loss: dict[int, float] = {}  # source -> loss of its local model this round
         self.gaps: dict[int, float] = {}
+
+    def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        """Ask every client for its local model's validation loss (the gap's "before")."""
+        out = super().train_config(server_round, config)
+        out[K.LOCAL_VAL] = 1
+        return out
 
     def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         """Mix by the current weights; remember each local model's loss for the gap."""
