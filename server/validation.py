@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from hdf import contract as K
-from server.arrays import array_view
+from server.arrays import BLOCK, array_view
 
 REQUIRED_TRAIN_METRICS = (K.NUM_EXAMPLES, K.SOURCE_INDEX, K.LOSS_BEFORE, K.TRAIN_LOSS)
 NORM_OUTLIER_FACTOR = 10.0  # an update norm above this multiple of the median is rejected
@@ -71,22 +71,31 @@ def _non_finite(arrays: ArrayRecord) -> str:
         v = array_view(a)
         if v.dtype.kind == "f" and not np.isfinite(v).all():
             return f"array {key!r} holds NaN or Inf"
-    return "the update holds NaN or Inf"
+    return "the update's norm overflows (values too large to square in their precision)"
 
 
 def update_norm(arrays: ArrayRecord, reference: ArrayRecord | None) -> float:
     """L2 norm of (update - global) over floating arrays (of the update itself without one).
 
-    Differences are taken in the arrays' own precision and summed in float64, read in place; a
-    NaN or Inf anywhere makes the result non-finite.
+    Read in place and taken block by block: each block's difference is formed in a small reused
+    buffer in the arrays' own precision, and the blocks' squared sums are added in float64. A NaN
+    or Inf anywhere makes the result non-finite.
     """
     total = 0.0
+    buf = np.empty(0)
     for key, a in arrays.items():
         v = array_view(a)
         if v.dtype.kind != "f":
             continue
-        d = (v - array_view(reference[key]) if reference is not None else v).ravel()
-        total += float(np.dot(d, d))
+        v = v.reshape(-1)
+        r = array_view(reference[key]).reshape(-1) if reference is not None else None
+        if buf.dtype != v.dtype or buf.size < min(v.size, BLOCK):
+            buf = np.empty(BLOCK, dtype=v.dtype)
+        for lo in range(0, v.size, BLOCK):
+            part = v[lo : lo + BLOCK]
+            if r is not None:
+                part = np.subtract(part, r[lo : lo + BLOCK], out=buf[: part.size])
+            total += float(np.dot(part, part))
     return math.sqrt(total) if math.isfinite(total) else math.nan
 
 

@@ -1,7 +1,7 @@
 """Leave-one-source-out sweeps: one federation per held-out source x strategy x seed, one report.
 
     python -m simulations.loso                                   # every source, fedavg and dro
-    python -m simulations.loso experiment=loso_quick             # the sized comparison preset
+    python -m simulations.loso experiment=loso_compare           # the sized comparison preset
     python -m simulations.loso loso.strategies=[fedavg,dro,centralized,local] loso.seeds=[0,1,2]
     python -m simulations.loso loso.heldout=[phone,cctv] rounds=5
 
@@ -9,12 +9,12 @@
 other override is passed to each run. `loso.strategies` names files of `conf/strategy/`, plus
 `centralized` (the pooled baseline, `simulations.centralized`).
 
-Runs go one after another, each in its own process (a fresh Ray and a fresh ClientApp cache), its
-output captured in `<run>/log.txt`. The sweep folder is named by a hash of the run overrides (not
-of the `loso.*` lists, so adding a strategy or a seed reuses what is done) and each run folder by a
-hash of its own overrides (DomainBed's sweep.py): a re-run skips runs with a `done` marker and
-resumes a run that died from its checkpoint. The sweep folder gets report.md, plots and
-summary.json; its path is the last line printed.
+Runs go one after another (`loso.jobs=N`: N at once), each in its own process (a fresh Ray and
+a fresh ClientApp cache), its output captured in `<run>/log.txt`. The sweep folder is named by a
+hash of the run overrides (not of the `loso.*` lists, so adding a strategy or a seed reuses what
+is done) and each run folder by a hash of its own overrides (DomainBed's sweep.py): a re-run
+skips runs with a `done` marker and resumes a run that died from its checkpoint. The sweep
+folder gets report.md, plots and summary.json; its path is the last line printed.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ LOSO_DEFAULTS: dict[str, Any] = {
     "seeds": [0],
     "heldout": None,  # null = every source of the data config, one at a time
     "root": None,  # null = <output.root>/loso
+    "jobs": 1,  # runs at once, each its own process (2 on 2 cores fills start-up and idle gaps)
 }
 CENTRALIZED = "centralized"
 RUN_INFO = "loso.json"
@@ -78,6 +80,7 @@ class Sweep:
     seeds: list[int]
     heldout: list[str]
     runs: list[RunSpec] = field(default_factory=list)
+    jobs: int = 1
 
 
 def split_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -114,8 +117,16 @@ def plan(argv: Sequence[str]) -> Sweep:
         if s not in known | {CENTRALIZED}:
             raise ValueError(f"unknown strategy {s!r}; known: {sorted(known | {CENTRALIZED})}")
     root = Path(settings["root"] or Path(str(cfg.output.root)) / "loso")
+    jobs = int(settings["jobs"])
+    if jobs < 1:
+        raise ValueError(f"loso.jobs={jobs}: give at least 1 (runs at once)")
     sweep = Sweep(
-        root / f"loso-{_hash(base)}", base, strategies, [int(x) for x in settings["seeds"]], heldout
+        root / f"loso-{_hash(base)}",
+        base,
+        strategies,
+        [int(x) for x in settings["seeds"]],
+        heldout,
+        jobs=jobs,
     )
     for h in heldout:
         for strategy in strategies:
@@ -187,10 +198,12 @@ def run_sweep(sweep: Sweep, launcher: Callable[[RunSpec], int] = launch_subproce
     (sweep.path / "sweep.json").write_text(json.dumps(info, indent=2) + "\n")
     todo = [r for r in sweep.runs if not r.done]
     print(
-        f"sweep {sweep.path}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} done",
+        f"sweep {sweep.path}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} done, "
+        f"{min(sweep.jobs, max(len(todo), 1))} at a time",
         flush=True,
     )
-    for i, run in enumerate(todo, 1):
+
+    def one(i: int, run: RunSpec) -> None:
         run.path.mkdir(parents=True, exist_ok=True)
         print(
             f"[{i}/{len(todo)}] {run.strategy} held-out {run.heldout} seed {run.seed} -> "
@@ -203,16 +216,22 @@ def run_sweep(sweep: Sweep, launcher: Callable[[RunSpec], int] = launch_subproce
         status = (
             "done" if rc == 0 and run.done else f"FAILED (exit {rc}; see {run.path / LOG_FILE})"
         )
-        print(f"    {status} in {wall:.0f}s", flush=True)
+        print(f"    [{i}/{len(todo)}] {status} in {wall:.0f}s", flush=True)
         info = {
             "strategy": run.strategy,
             "heldout": run.heldout,
             "seed": run.seed,
             "overrides": run.overrides,
             "wall_s": wall,
+            "jobs": sweep.jobs,
             "returncode": rc,
         }
         (run.path / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+    # Threads only wait on child processes; each run has its own process, Ray and folder.
+    with ThreadPoolExecutor(max_workers=sweep.jobs) as pool:
+        for f in [pool.submit(one, i, run) for i, run in enumerate(todo, 1)]:
+            f.result()
 
 
 # ---- collecting ---------------------------------------------------------------------------

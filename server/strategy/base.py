@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from hdf import contract as K
-from server.arrays import array_view
+from server.arrays import BLOCK, array_view
 from server.validation import validate_train_replies
 
 log = logging.getLogger(__name__)
@@ -249,8 +249,9 @@ def weighted_average(records: list[ArrayRecord], weights: list[float]) -> ArrayR
     """sum_i w_i * arrays_i / sum_i w_i, key by key.
 
     Each array is read in place from its record's bytes (`Array.numpy()` copies them through
-    `np.load`), and the scaled term goes through one reused buffer per key, so a round costs one
-    pass over every update and no allocation per reply.
+    `np.load`), and the sum runs block by block with the replies inside: a block of the running
+    sum stays in cache while every reply's block is added to it, so a round reads each update
+    once and writes the result once (key by key, the sum was re-read and re-written per reply).
     """
     total = float(sum(weights))
     if total <= 0:
@@ -258,15 +259,19 @@ def weighted_average(records: list[ArrayRecord], weights: list[float]) -> ArrayR
     factors = [w / total for w in weights]
     out: dict[str, Array] = {}
     for key in records[0]:
+        views = [array_view(rec[key]).reshape(-1) for rec in records]
         ref = array_view(records[0][key])
         # floats accumulate in their own precision (as Flower's FedAvg does); integers in float64
         work = ref.dtype if ref.dtype.kind == "f" else np.float64
-        acc = np.zeros(ref.shape, dtype=work)
-        term = np.empty(ref.shape, dtype=work)
-        for rec, f in zip(records, factors, strict=True):
-            np.multiply(array_view(rec[key]), f, out=term, casting="unsafe")
-            acc += term
+        acc = np.zeros(ref.size, dtype=work)
+        term = np.empty(min(ref.size, BLOCK), dtype=work)
+        for lo in range(0, ref.size, BLOCK):
+            part = acc[lo : lo + BLOCK]
+            scaled = term[: part.size]
+            for v, f in zip(views, factors, strict=True):
+                np.multiply(v[lo : lo + BLOCK], f, out=scaled, casting="unsafe")
+                part += scaled
         if np.issubdtype(ref.dtype, np.integer):
             acc = np.rint(acc)
-        out[key] = Array(np.asarray(acc, dtype=ref.dtype))
+        out[key] = Array(np.asarray(acc.reshape(ref.shape), dtype=ref.dtype))
     return ArrayRecord(out)
