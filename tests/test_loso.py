@@ -1,6 +1,7 @@
 """Leave-one-source-out sweeps: planning, skipping finished runs, the summary, a tiny real sweep."""
 
 import json
+import threading
 
 import pytest
 
@@ -110,6 +111,26 @@ def test_bad_settings_are_named(tmp_path) -> None:
         loso.plan([*BASE, "loso.heldout=[mars]"])
     with pytest.raises(ValueError, match="unknown loso settings"):
         loso.plan([*BASE, "loso.sed=[1]"])
+    with pytest.raises(ValueError, match=r"loso\.jobs=0"):
+        loso.plan([*BASE, "loso.jobs=0"])
+
+
+def test_jobs_run_that_many_at_once(tmp_path) -> None:
+    """With loso.jobs=2 two launches overlap (each waits for a partner at a barrier, which a
+    one-at-a-time sweep would never reach), and every run still finishes and is summarised."""
+    uar = {(s, h, 0): 0.5 for s in ("fedavg", "dro") for h in SOURCES}
+    calls: list = []
+    fake = _fake_launcher(uar, calls)
+    barrier = threading.Barrier(2, timeout=30)
+
+    def paired(run: loso.RunSpec) -> int:
+        barrier.wait()
+        return fake(run)
+
+    argv = [*BASE, f"loso.root={tmp_path}", "loso.jobs=2"]
+    assert loso.main(argv, launcher=paired) == 0
+    assert sorted(calls) == sorted(uar)
+    assert json.loads((loso.plan(argv).path / "summary.json").read_text())["dro"]
 
 
 @pytest.mark.slow
