@@ -249,15 +249,16 @@ def summarize(sweep: Sweep) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Per strategy and held-out source: UAR and WAR of the last round's global model on the source's
     test split, mean and (population) std over seeds. mean_heldout_uar / worst_heldout_uar: mean
-    and min over held-out sources of those means. worst_train_uar: the worst training source's
-    validation UAR in each run's last round, averaged over that strategy's runs.
+    and min over held-out sources of those means. worst_train_uar / mean_train_uar: the worst
+    training source's validation UAR / the training sources' mean validation UAR in each run's
+    last round, averaged over that strategy's runs.
     """
     summary: dict[str, Any] = {}
     details: dict[str, Any] = {}
     for strategy in sweep.strategies:
         runs = [r for r in sweep.runs if r.strategy == strategy and r.done]
         held: dict[str, Any] = {}
-        worst_train, train_by_source, seconds = [], {}, []
+        worst_train, mean_train, train_by_source, seconds = [], [], {}, []
         for h in sweep.heldout:
             last = [_rows(r)[-1] for r in runs if r.heldout == h and _rows(r)]
             last = [x for x in last if h in x.get("heldout", {})]
@@ -276,6 +277,7 @@ def summarize(sweep: Sweep) -> tuple[dict[str, Any], dict[str, Any]]:
             train = rows[-1].get("train", {})
             if train:
                 worst_train.append(min(v["uar"] for v in train.values()))
+                mean_train.append(float(np.mean([v["uar"] for v in train.values()])))
                 for name, v in train.items():
                     train_by_source.setdefault(name, []).append(v["uar"])
         if not held:
@@ -286,6 +288,7 @@ def summarize(sweep: Sweep) -> tuple[dict[str, Any], dict[str, Any]]:
             "mean_heldout_uar": float(np.mean(means)),
             "worst_heldout_uar": float(np.min(means)),
             "worst_train_uar": float(np.mean(worst_train)) if worst_train else None,
+            "mean_train_uar": float(np.mean(mean_train)) if mean_train else None,
         }
         details[strategy] = {
             "runs": len(runs),
@@ -352,6 +355,41 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+GOAL_POINTS = 3.0  # issue 5: DRO lifts both worst-source UARs by this much over FedAvg ...
+GOAL_MEAN_DROP = 1.0  # ... without lowering the held-out mean by more than this
+
+
+def _against_fedavg(summary: dict[str, Any]) -> list[str]:
+    """Report lines: each strategy's difference to FedAvg in UAR points, and the goal's verdict."""
+    base = summary.get("fedavg")
+    if base is None or len(summary) < 2:
+        return []
+    keys = ("worst_heldout_uar", "worst_train_uar", "mean_heldout_uar", "mean_train_uar")
+    lines = [
+        "",
+        "## Against FedAvg (UAR points)",
+        "",
+        f"Goal: worst held-out and worst in-distribution each +{GOAL_POINTS:g} or more, held-out "
+        f"mean down by at most {GOAL_MEAN_DROP:g}.",
+        "",
+        "| strategy | worst held-out | worst in-distribution | mean held-out | mean "
+        "in-distribution | goal met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for strategy, s in summary.items():
+        if strategy == "fedavg" or any(s.get(k) is None or base.get(k) is None for k in keys):
+            continue
+        d = {k: 100 * (s[k] - base[k]) for k in keys}
+        met = (
+            d["worst_heldout_uar"] >= GOAL_POINTS
+            and d["worst_train_uar"] >= GOAL_POINTS
+            and d["mean_heldout_uar"] >= -GOAL_MEAN_DROP
+        )
+        cells = " | ".join(f"{d[k]:+.1f}" for k in keys)
+        lines.append(f"| {strategy} | {cells} | {'yes' if met else 'no'} |")
+    return lines
+
+
 def write_report(sweep: Sweep) -> Path:
     """report.md, plots and summary.json in the sweep folder; returns the report's path."""
     from server.report import plot_confusion
@@ -398,17 +436,19 @@ def write_report(sweep: Sweep) -> Path:
         "",
         "## In-distribution (validation UAR of training sources)",
         "",
-        "| strategy | " + " | ".join(sources) + " | worst | runs | wall time (s) |",
-        "|---" * (len(sources) + 4) + "|",
+        "| strategy | " + " | ".join(sources) + " | mean | worst | runs | wall time (s) |",
+        "|---" * (len(sources) + 5) + "|",
     ]
     for strategy, d in details.items():
         cells = [_pct(d["train_by_source"].get(n)) for n in sources]
         lines.append(
             f"| {strategy} | "
             + " | ".join(cells)
-            + f" | {_pct(summary[strategy]['worst_train_uar'])} | {d['runs']} | "
+            + f" | {_pct(summary[strategy]['mean_train_uar'])}"
+            f" | {_pct(summary[strategy]['worst_train_uar'])} | {d['runs']} | "
             f"{d['wall_seconds']:.0f} |"
         )
+    lines += _against_fedavg(summary)
     failed = [r for r in sweep.runs if not r.done]
     if failed:
         lines += ["", "## Runs not finished", ""]

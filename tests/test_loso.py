@@ -48,7 +48,8 @@ def test_sweep_writes_summary_and_skips_finished_runs(tmp_path, capsys) -> None:
     fedavg: held-out UAR .4 and .6 on every source (seeds 0 and 1): mean .5, std .1; WAR
     .45/.65: mean .55. dro: .5 and .5 on studio/webcam, .7 and .9 on movie: means .5, .5, .8,
     so mean_heldout_uar .6, worst .5. worst_train_uar = the first training source's UAR (the
-    others are +.1): the mean of the runs' UAR, fedavg .5, dro (.5 * 4 + .8 * 2) / 6 = .6.
+    others are +.1): the mean of the runs' UAR, fedavg .5, dro (.5 * 4 + .8 * 2) / 6 = .6;
+    mean_train_uar = that + .05 (two training sources, the second .1 higher).
     """
     uar = {}
     for h in SOURCES:
@@ -63,20 +64,30 @@ def test_sweep_writes_summary_and_skips_finished_runs(tmp_path, capsys) -> None:
     summary = json.loads((sweep.path / "summary.json").read_text())
     assert set(summary) == {"fedavg", "dro"}
     f = summary["fedavg"]
-    assert set(f) == {"heldout", "mean_heldout_uar", "worst_heldout_uar", "worst_train_uar"}
+    assert set(f) == {
+        "heldout",
+        "mean_heldout_uar",
+        "worst_heldout_uar",
+        "worst_train_uar",
+        "mean_train_uar",
+    }
     assert f["heldout"]["movie"] == pytest.approx(
         {"uar_mean": 0.5, "uar_std": 0.1, "war_mean": 0.55, "war_std": 0.1}
     )
     assert f["mean_heldout_uar"] == pytest.approx(0.5)
     assert f["worst_train_uar"] == pytest.approx(0.5)
+    assert f["mean_train_uar"] == pytest.approx(0.55)
     d = summary["dro"]
     assert d["heldout"]["movie"]["uar_mean"] == pytest.approx(0.8)
     assert d["heldout"]["movie"]["uar_std"] == pytest.approx(0.1)
     assert d["mean_heldout_uar"] == pytest.approx(0.6)
     assert d["worst_heldout_uar"] == pytest.approx(0.5)
     assert d["worst_train_uar"] == pytest.approx(0.6)
+    assert d["mean_train_uar"] == pytest.approx(0.65)
     report = (sweep.path / "report.md").read_text()
     assert "| dro | 50.0 ± 0.0 / 55.0 ± 0.0 |" in report
+    # dro - fedavg: worst held-out .5 - .5, worst train .6 - .5, means .6 - .5 and .65 - .55
+    assert "| dro | +0.0 | +10.0 | +10.0 | +10.0 | no |" in report
     assert (sweep.path / "heldout_uar.png").exists()
     assert (sweep.path / "lambda_dro.png").exists()
     assert (sweep.path / "confusion_fedavg_movie.png").exists()
