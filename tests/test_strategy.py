@@ -49,6 +49,20 @@ def test_fedavg_weights_by_examples() -> None:
     assert metrics["train-loss-mean"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("cls", [SourceFedAvg, DRO])
+def test_the_mix_does_not_depend_on_reply_order(cls) -> None:
+    """float32 sums are not associative: (1e8 + 1) - 1e8 = 0 but (1e8 - 1e8) + 1 = 1. Replies
+    arriving in any order give the same bits (the mix runs in source order)."""
+    values = {0: 3e8, 1: 3.0, 2: -3e8}
+    replies = [train_reply(10 + s, _arrays(v), source=s) for s, v in values.items()]
+    outs = []
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        s = _strategy(cls)
+        arrays, _ = s.aggregate_train(1, [replies[i] for i in order])
+        outs.append(arrays["w"].numpy())
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
 def test_dro_mixes_by_lambda_after_update() -> None:
     settings = DROSettings(eta=1.0, eps=0.1, cap=0.6)
     s = _strategy(DRO, settings=settings)

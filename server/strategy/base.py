@@ -128,7 +128,9 @@ class SourceFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        # Replies arrive in whatever order the sites finish; float sums are not associative, so
+        # the mix is taken in a fixed order (source, node) to make a round reproducible.
+        replies = sorted(replies, key=_reply_order)
         valid, rejected = validate_train_replies(
             replies, self.current_arrays, set(self.train_sources), self.node_source
         )
@@ -243,6 +245,16 @@ class SourceFedAvg(FedAvg):
         if total <= 0:
             return {s: 1.0 / len(self.train_sources) for s in self.train_sources}
         return {s: v / total for s, v in sizes.items()}
+
+
+def _reply_order(msg: Message) -> tuple[int, int]:
+    """(source index, node id); replies without a readable source index sort first."""
+    src = -1
+    if not msg.has_error():
+        metrics = msg.content.get(K.METRICS)
+        if metrics is not None and K.SOURCE_INDEX in metrics:
+            src = int(metrics[K.SOURCE_INDEX])
+    return src, int(msg.metadata.src_node_id)
 
 
 def weighted_average(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
