@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -102,6 +103,7 @@ class Federation:
         self.arrays = ArrayRecord(model.state_dict())
         server_eval = str(cfg.server.heldout_eval) == "server"
         self.heldout_eval = HeldoutEvaluator(cfg, self.heldout_sources) if server_eval else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heldout-eval")
         expected = len(self.train_sources) + (0 if server_eval else len(self.heldout_sources))
         nodes = discover_nodes(grid, self.cfg_yaml, expected, float(cfg.server.wait_for_nodes_s))
         sizes = {v["source"]: v["clips"] for v in nodes.values() if not v["heldout"]}
@@ -163,7 +165,16 @@ class Federation:
 
     # ---- one round ---------------------------------------------------------------------------
     def evaluate(self, server_round: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(per training source val metrics, per held-out source test metrics)."""
+        """(per training source val metrics, per held-out source test metrics).
+
+        The server scores its held-out sources in a thread while the clients evaluate, so the
+        round waits for the slower of the two instead of their sum.
+        """
+        scoring = (
+            self._pool.submit(self.heldout_eval, self.arrays)
+            if self.heldout_eval is not None
+            else None
+        )
         msgs = self.strategy.configure_evaluate(
             server_round, self.arrays, self.eval_config, self.grid
         )
@@ -175,8 +186,8 @@ class Federation:
             recall = [m[f"{K.RECALL_PREFIX}{c}"] for c in range(NUM_CLASSES)]
             row["recall"] = [None if r < 0 else r for r in recall]
             (train if src in self.strategy.train_sources else held)[self.names[src]] = row
-        if self.heldout_eval is not None:
-            for name, stats in self.heldout_eval(self.arrays).items():
+        if scoring is not None:
+            for name, stats in scoring.result().items():
                 held[name] = summarize(stats)
         return train, held
 
@@ -248,6 +259,7 @@ class Federation:
             self.tracker.log(row)
             self.show(row)
             self.checkpoint(r)
+        self._pool.shutdown()
         self.tracker.finish()
         self.run.mark_done()
         return self.run.read_metrics()
