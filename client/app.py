@@ -85,7 +85,8 @@ def train(msg: Message, context: Context) -> Message:
         {
             K.NUM_EXAMPLES: len(data),
             K.SOURCE_INDEX: site.source.index,
-            K.LOSS_BEFORE: float(loss_before),
+            K.LOSS_BEFORE: loss_before.plain,
+            K.LOSS_BEFORE_BALANCED: loss_before.balanced,
             K.TRAIN_LOSS: float(stats["loss"]),
             K.TRAIN_UAR: float(stats["uar"]),
             K.TRAIN_WAR: float(stats["war"]),

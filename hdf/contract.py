@@ -22,6 +22,7 @@ LOCAL_VAL = "local-val"  # train: 1 asks the client to score its trained model o
 NUM_EXAMPLES = "num-examples"
 SOURCE_INDEX = "source-index"
 LOSS_BEFORE = "loss-before"
+LOSS_BEFORE_BALANCED = "loss-before-balanced"  # same sample, mean over classes of class-mean CE
 TRAIN_LOSS = "train-loss"
 TRAIN_UAR = "train-uar"
 TRAIN_WAR = "train-war"

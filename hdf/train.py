@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -238,6 +238,13 @@ def train_local(
     }
 
 
+class SampleLoss(NamedTuple):
+    """Losses of one model on one fixed sample (the DRO server's loss estimates)."""
+
+    plain: float  # mean cross-entropy over the clips
+    balanced: float  # mean over the classes present of each class's mean cross-entropy
+
+
 def loss_on_sample(
     model: nn.Module,
     dataset: Dataset,
@@ -245,11 +252,13 @@ def loss_on_sample(
     num_clips: int,
     seed: int,
     batch_size: int,
-) -> float:
-    """Mean plain cross-entropy of ``model`` on a fixed, seed-chosen subset of ``num_clips`` clips.
+) -> SampleLoss:
+    """Cross-entropy of ``model`` on a fixed, seed-chosen subset of ``num_clips`` clips.
 
     The DRO server's ``loss-before``: the received global model is scored in eval mode, before
-    local training, on the same clips for the same seed (DESIGN.md Sec. 3).
+    local training, on the same clips for the same seed (DESIGN.md Sec. 3). The class-balanced
+    mean weighs every class alike, as UAR does: on a source dominated by easy classes the plain
+    mean is low while its UAR is not.
     """
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
@@ -257,5 +266,7 @@ def loss_on_sample(
     k = min(max(int(num_clips), 1), n)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:k]
     subset = Subset(dataset, sorted(idx.tolist()))
-    _, _, loss = predict(model, subset, torch.device(device), batch_size=int(batch_size))
-    return float(loss)
+    labels, probs, loss = predict(model, subset, torch.device(device), batch_size=int(batch_size))
+    ce = -np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12))
+    balanced = np.mean([ce[labels == c].mean() for c in np.unique(labels)])
+    return SampleLoss(float(loss), float(balanced))

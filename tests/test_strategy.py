@@ -85,6 +85,36 @@ def test_dro_mixes_by_lambda_after_update() -> None:
     np.testing.assert_allclose(t.lam, s.lam)
 
 
+def test_dro_balanced_loss_moves_lambda_on_the_class_balanced_loss() -> None:
+    """loss=balanced reads `loss-before-balanced` (1, 2, 1), not the plain (2, .5, .5): lambda
+    is eg's update on (1, 2, 1); a reply without the balanced loss falls back to its plain one."""
+    settings = DROSettings(eta=1.0, eps=0.1, cap=0.6)
+    u = np.full(3, 1 / 3)
+    ones = np.ones(3, bool)
+    s = _strategy(DRO, settings=settings, loss="balanced")
+    replies = []
+    for i, (plain, balanced) in enumerate([(2.0, 1.0), (0.5, 2.0), (0.5, 1.0)]):
+        replies.append(train_reply(10 + i, _arrays(float(i)), source=i, loss_before=plain))
+        replies[-1].content[K.METRICS][K.LOSS_BEFORE_BALANCED] = balanced
+    s.aggregate_train(1, replies)
+    np.testing.assert_allclose(
+        s.lam, update_lambda("eg", u, np.array([1.0, 2.0, 1.0]), ones, u, settings)
+    )
+    t = _strategy(DRO, settings=settings, loss="balanced")
+    t.aggregate_train(
+        1,
+        [
+            train_reply(10 + i, _arrays(0.0), source=i, loss_before=v)
+            for i, v in enumerate([2.0, 0.5, 0.5])
+        ],
+    )
+    np.testing.assert_allclose(
+        t.lam, update_lambda("eg", u, np.array([2.0, 0.5, 0.5]), ones, u, settings)
+    )
+    with pytest.raises(ValueError, match="unknown DRO loss 'ce'"):
+        _strategy(DRO, loss="ce")
+
+
 def test_dro_partial_participation_renormalises_over_repliers() -> None:
     s = _strategy(DRO, settings=DROSettings(eta=0.0, eps=0.0, cap=1.0))
     replies = [train_reply(10, _arrays(1.0), source=0), train_reply(12, _arrays(4.0), source=2)]

@@ -66,9 +66,9 @@ def test_train_local_reduces_loss() -> None:
     """Plain CE on a fixed sample falls after a few local epochs; training accuracy is high."""
     torch.manual_seed(0)
     model, data = StandIn(), _dataset()
-    before = loss_on_sample(model, data, CPU, num_clips=24, seed=1, batch_size=12)
+    before = loss_on_sample(model, data, CPU, num_clips=24, seed=1, batch_size=12).plain
     stats = train_local(model, data, _cfg(), CPU, epochs=8, lr=0.05, seed=0)
-    after = loss_on_sample(model, data, CPU, num_clips=24, seed=1, batch_size=12)
+    after = loss_on_sample(model, data, CPU, num_clips=24, seed=1, batch_size=12).plain
     assert after < 0.5 * before
     for key in ("loss", "uar", "war", "num_examples", "steps", "grad_norm", "ce", "lambda_ce"):
         assert key in stats and math.isfinite(stats[key]), key
@@ -125,7 +125,35 @@ def test_loss_on_sample_is_fixed_by_seed() -> None:
     assert other != pytest.approx(first, rel=1e-6)
     # more clips than the dataset holds: scores all of them
     everything = loss_on_sample(model, data, CPU, num_clips=1000, seed=0, batch_size=64)
-    assert math.isfinite(everything)
+    assert math.isfinite(everything.plain) and math.isfinite(everything.balanced)
+
+
+class Fixed(nn.Module):
+    """Logits that depend only on the label hidden in the clip: class 0 clips get p(0) = .5,
+    class 1 clips get p(1) = .25 (the rest spread over the other classes)."""
+
+    def preprocess(self, clips: torch.Tensor) -> torch.Tensor:
+        return clips.float()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = x[:, 0, 0, 0, 0].long()
+        p = torch.full((len(y), 7), 0.5 / 6)
+        p[y == 0, 0] = 0.5
+        p[y == 1] = 0.75 / 6
+        p[y == 1, 1] = 0.25
+        return p.log(), p
+
+
+def test_balanced_loss_weighs_every_class_alike() -> None:
+    """3 clips of class 0 (CE ln 2) and 1 of class 1 (CE ln 4): plain (3 ln 2 + ln 4) / 4 =
+    1.25 ln 2; balanced (ln 2 + ln 4) / 2 = 1.5 ln 2."""
+    labels = np.array([0, 0, 0, 1])
+    clips = torch.zeros(4, 1, 3, 2, 2, dtype=torch.uint8)
+    clips[:, 0, 0, 0, 0] = torch.from_numpy(labels).to(torch.uint8)
+    data = TensorClipDataset(clips, labels, source_index=0)
+    out = loss_on_sample(Fixed(), data, CPU, num_clips=4, seed=0, batch_size=3)
+    assert out.plain == pytest.approx(1.25 * math.log(2), rel=1e-5)
+    assert out.balanced == pytest.approx(1.5 * math.log(2), rel=1e-5)
 
 
 def test_augment_batch_flip_and_shift() -> None:

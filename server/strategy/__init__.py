@@ -82,6 +82,7 @@ def _dro(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
         source_sizes=common.get("source_sizes"),
         server_lr=float(d.get("server_lr", 1.0)),
         sample_by_lambda=d.get("sample_by_lambda"),
+        loss=str(d.get("loss", "plain")),
         **_fedavg_kwargs(cfg, common),
     )
 

@@ -58,6 +58,11 @@ class DRO(SourceFedAvg):
         The new model is old + server_lr * (mix - old).
     sample_by_lambda : bool | None (default: None)
         Sample clients by lambda (DRFA); None takes the mode's default (True for ``drfa``).
+    loss : str (default: "plain")
+        Which loss-before moves lambda: "plain" (mean CE of the sample) or "balanced" (the
+        mean over classes of each class's CE, `loss-before-balanced`), which ranks sources the
+        way UAR does; a reply without it falls back to the plain loss. DRFA's validation
+        losses are always plain.
 
     The remaining keyword arguments are `SourceFedAvg`'s.
     """
@@ -71,10 +76,14 @@ class DRO(SourceFedAvg):
         source_sizes: dict[int, int] | None = None,
         server_lr: float = 1.0,
         sample_by_lambda: bool | None = None,
+        loss: str = "plain",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         spec = get_mode(mode)
+        if loss not in LOSS_KEYS:
+            raise ValueError(f"unknown DRO loss {loss!r}; use one of {sorted(LOSS_KEYS)}")
+        self.loss_key = LOSS_KEYS[loss]
         self.mode = mode
         self.settings = settings or DROSettings()
         self.server_lr = server_lr
@@ -105,7 +114,7 @@ class DRO(SourceFedAvg):
         mask = np.zeros(len(self.train_sources), dtype=bool)
         for src, msgs in _by_source(replies).items():
             n = np.array([float(m.content[K.METRICS][K.NUM_EXAMPLES]) for m in msgs])
-            lb = np.array([float(m.content[K.METRICS][K.LOSS_BEFORE]) for m in msgs])
+            lb = np.array([float(_loss(m.content[K.METRICS], self.loss_key)) for m in msgs])
             losses[idx[src]] = float((n * lb).sum() / n.sum())
             mask[idx[src]] = True
         return losses, mask
@@ -174,6 +183,14 @@ class DRO(SourceFedAvg):
         self.lam = vec(state["lambda"])
         self.loss_memory = vec(state.get("loss_memory"))
         self.eval_loss = vec(state.get("eval_loss"))
+
+
+LOSS_KEYS = {"plain": K.LOSS_BEFORE, "balanced": K.LOSS_BEFORE_BALANCED}
+
+
+def _loss(metrics: MetricRecord, key: str) -> float:
+    """The chosen loss-before of a reply; the plain one when the client did not send it."""
+    return float(metrics[key] if key in metrics else metrics[K.LOSS_BEFORE])
 
 
 def _by_source(replies: list[Message]) -> dict[int, list[Message]]:
