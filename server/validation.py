@@ -74,29 +74,40 @@ def _non_finite(arrays: ArrayRecord) -> str:
     return "the update's norm overflows (values too large to square in their precision)"
 
 
-def update_norm(arrays: ArrayRecord, reference: ArrayRecord | None) -> float:
-    """L2 norm of (update - global) over floating arrays (of the update itself without one).
+def _blocks(v: np.ndarray) -> list[np.ndarray]:
+    return [v[lo : lo + BLOCK] for lo in range(0, v.size, BLOCK)]
 
-    Read in place and taken block by block: each block's difference is formed in a small reused
-    buffer in the arrays' own precision, and the blocks' squared sums are added in float64. A NaN
-    or Inf anywhere makes the result non-finite.
+
+def update_norms(records: list[ArrayRecord], reference: ArrayRecord | None) -> list[float]:
+    """L2 norm of (update - global) over floating arrays, per record (of the update itself
+    without a global model); NaN where a NaN or Inf anywhere made the sum non-finite.
+
+    The records must match the reference's keys, shapes and dtypes (`_reason` checks that
+    first). Everything is read in place, block by block with the records inside: each block of
+    the global model is read once for all replies, the differences go through one small buffer
+    in the arrays' own precision, and the squared sums are added in float64.
     """
-    total = 0.0
-    buf = np.empty(0)
-    for key, a in arrays.items():
-        v = array_view(a)
-        if v.dtype.kind != "f":
+    totals = [0.0] * len(records)
+    if reference is None:  # the norm of each update itself
+        for i, rec in enumerate(records):
+            for a in rec.values():
+                v = array_view(a).reshape(-1)
+                if v.dtype.kind == "f":
+                    totals[i] += sum(float(np.dot(b, b)) for b in _blocks(v))
+        return [math.sqrt(t) if math.isfinite(t) else math.nan for t in totals]
+    for key, ref in reference.items():
+        r = array_view(ref).reshape(-1)
+        if r.dtype.kind != "f":
             continue
-        v = v.reshape(-1)
-        r = array_view(reference[key]).reshape(-1) if reference is not None else None
-        if buf.dtype != v.dtype or buf.size < min(v.size, BLOCK):
-            buf = np.empty(BLOCK, dtype=v.dtype)
-        for lo in range(0, v.size, BLOCK):
-            part = v[lo : lo + BLOCK]
-            if r is not None:
-                part = np.subtract(part, r[lo : lo + BLOCK], out=buf[: part.size])
-            total += float(np.dot(part, part))
-    return math.sqrt(total) if math.isfinite(total) else math.nan
+        views = [array_view(rec[key]).reshape(-1) for rec in records]
+        buf = np.empty(min(r.size, BLOCK), dtype=r.dtype)
+        for lo in range(0, r.size, BLOCK):
+            ref_block = r[lo : lo + BLOCK]
+            diff = buf[: ref_block.size]
+            for i, v in enumerate(views):
+                np.subtract(v[lo : lo + BLOCK], ref_block, out=diff)
+                totals[i] += float(np.dot(diff, diff))
+    return [math.sqrt(t) if math.isfinite(t) else math.nan for t in totals]
 
 
 def validate_train_replies(
@@ -109,16 +120,23 @@ def validate_train_replies(
     valid: list[Message] = []
     norms: list[float] = []
     rejected: list[dict[str, Any]] = []
+    candidates = []
     for msg in replies:
         reason = _reason(msg, reference, train_sources, node_source)
-        if reason is None:  # one pass gives the norm and finds a NaN or Inf anywhere
-            norm = update_norm(msg.content[K.ARRAYS], reference)
-            if math.isfinite(norm):
-                valid.append(msg)
-                norms.append(norm)
-                continue
+        if reason is None:
+            candidates.append(msg)
+        else:
+            rejected.append({"node": msg.metadata.src_node_id, "reason": reason})
+    # one pass gives every norm and finds a NaN or Inf anywhere
+    for msg, norm in zip(
+        candidates, update_norms([m.content[K.ARRAYS] for m in candidates], reference), strict=True
+    ):
+        if math.isfinite(norm):
+            valid.append(msg)
+            norms.append(norm)
+        else:
             reason = _non_finite(msg.content[K.ARRAYS])
-        rejected.append({"node": msg.metadata.src_node_id, "reason": reason})
+            rejected.append({"node": msg.metadata.src_node_id, "reason": reason})
     if len(valid) >= 3:
         median = float(np.median(norms))
         keep = []

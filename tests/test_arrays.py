@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord
 
 from server.arrays import BLOCK, array_view
 from server.strategy.base import weighted_average
-from server.validation import update_norm
+from server.validation import update_norms
 
 CASES = [
     np.arange(12, dtype=np.float32).reshape(3, 4),
@@ -64,12 +64,22 @@ def test_weighted_average_across_block_boundaries() -> None:
     assert out["w"].numpy().dtype == np.float32 and int(out["k"].numpy()) == 6
 
 
-def test_update_norm_across_blocks_and_non_finite() -> None:
-    """||u - g|| over the float arrays only: 0.5 on 2 * BLOCK + 5 elements; int arrays ignored."""
+def test_update_norms_across_blocks_and_non_finite() -> None:
+    """||u - g|| over the float arrays only: 0.5 and 2 on 2 * BLOCK + 5 elements (int arrays
+    ignored); a NaN in the second block makes that record's norm NaN and no other's."""
     n = 2 * BLOCK + 5
-    norm = update_norm(_record(1.5, n, count=9), _record(1.0, n))
-    assert norm == pytest.approx(0.5 * math.sqrt(n), rel=1e-6)
-    assert update_norm(_record(0.5, 4), None) == pytest.approx(1.0)
     bad = np.ones(n, dtype=np.float32)
     bad[BLOCK + 3] = np.nan
-    assert math.isnan(update_norm(ArrayRecord({"w": Array(bad)}), _record(1.0, n)))
+    records = [
+        _record(1.5, n, count=9),
+        ArrayRecord({"w": Array(bad), "steps": Array(np.array(0))}),
+        _record(3.0, n),
+    ]
+    norms = update_norms(records, _record(1.0, n))
+    assert norms[0] == pytest.approx(0.5 * math.sqrt(n), rel=1e-6)
+    assert math.isnan(norms[1])
+    assert norms[2] == pytest.approx(2 * math.sqrt(n), rel=1e-6)
+    assert update_norms([_record(0.5, 4), _record(1.5, n)], None) == pytest.approx(
+        [1.0, 1.5 * math.sqrt(n)]
+    )
+    assert update_norms([], None) == []
