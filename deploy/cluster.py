@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.proctree import tree_pids
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PORT = 9443  # the SuperLink's one HTTPS port (Fleet, Control and Runtime APIs)
@@ -111,27 +113,6 @@ class Netns:
         self.hosts.clear()
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid` (children first), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 @dataclass
 class Proc:
     """A process started in its own group; stopped by that group id."""
@@ -151,7 +132,7 @@ class Proc:
     def kill(self, sig: int = signal.SIGKILL, wait_s: float = 15.0) -> None:
         """Signal the process and every descendant, each by its pid (Flower starts its
         SuperExec in a new session, so a process group alone would miss it)."""
-        pids = [self.popen.pid, *descendants(self.popen.pid)]
+        pids = tree_pids(self.popen.pid)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)

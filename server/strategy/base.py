@@ -271,8 +271,8 @@ def weighted_average(records: list[ArrayRecord], weights: list[float]) -> ArrayR
     factors = [w / total for w in weights]
     out: dict[str, Array] = {}
     for key in records[0]:
-        views = [array_view(rec[key]).reshape(-1) for rec in records]
         ref = array_view(records[0][key])
+        views = [ref.reshape(-1), *(array_view(rec[key]).reshape(-1) for rec in records[1:])]
         # floats accumulate in their own precision (as Flower's FedAvg does); integers in float64
         work = ref.dtype if ref.dtype.kind == "f" else np.float64
         acc = np.zeros(ref.size, dtype=work)
