@@ -328,8 +328,10 @@ def plot_heldout_uar(sweep: Sweep, path: Path) -> None:
     cols = min(3, n)
     rows_n = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+    # one distinct colour per strategy (the default cycle repeats after 10)
+    colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(sweep.strategies), 1)))
     for ax, h in zip(axes.flat, sweep.heldout, strict=False):
-        for strategy in sweep.strategies:
+        for strategy, colour in zip(sweep.strategies, colours, strict=True):
             series: dict[int, list[float]] = {}
             for r in sweep.runs:
                 if r.strategy == strategy and r.heldout == h and r.done:
@@ -338,16 +340,19 @@ def plot_heldout_uar(sweep: Sweep, path: Path) -> None:
                             series.setdefault(row["round"], []).append(row["heldout"][h]["uar"])
             if series:
                 xs = sorted(series)
-                ax.plot(xs, [np.mean(series[x]) for x in xs], marker="o", ms=3, label=strategy)
+                ys = [np.mean(series[x]) for x in xs]
+                ax.plot(xs, ys, marker="o", ms=3, color=colour, label=strategy)
         ax.set_title(f"held out: {h}", fontsize=9)
         ax.set_xlabel("round")
         ax.set_ylabel("UAR")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    # one legend for all panels, beside them, so it hides no line
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
