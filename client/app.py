@@ -16,7 +16,7 @@ from client.site import Site, get_site
 from hdf import contract as K
 from hdf.classes import NUM_CLASSES
 from hdf.evaluate import evaluate as evaluate_model
-from hdf.models.hdf_net import norm_state_keys
+from hdf.models.hdf_net import NORM_PARTS, norm_state_keys
 from hdf.train import loss_on_sample, train_local
 
 app = ClientApp()
@@ -27,18 +27,33 @@ def _site(msg: Message, context: Context) -> tuple[Site, ConfigRecord]:
     return get_site(str(config[K.RUN_CONFIG]), dict(context.node_config)), config
 
 
+def local_norm_mode(config: ConfigRecord) -> str | None:
+    """Which normalisation state this site keeps local ("all", "stats"), or None (all shared)."""
+    mode = str(config.get(K.LOCAL_NORM, "none"))
+    if mode == "none":
+        return None
+    if mode not in NORM_PARTS:
+        raise ValueError(f"{K.LOCAL_NORM}={mode!r} is not one of none, {', '.join(NORM_PARTS)}")
+    return mode
+
+
 def restore_local_norm(model: torch.nn.Module, context: Context) -> None:
-    """FedBN: put this site's own normalization layers over the received ones (if it has any)."""
-    if K.FEDBN_STATE in context.state.array_records:
-        own = context.state[K.FEDBN_STATE].to_torch_state_dict()
+    """Put this site's own normalization state over the received one (if it has kept any)."""
+    if K.LOCAL_NORM_STATE in context.state.array_records:
+        own = context.state[K.LOCAL_NORM_STATE].to_torch_state_dict()
         model.load_state_dict(own, strict=False)
 
 
-def save_local_norm(model: torch.nn.Module, context: Context) -> None:
-    """FedBN: keep this site's normalization layers in `context.state` for the next round."""
-    keys = set(norm_state_keys(model))
+def save_local_norm(model: torch.nn.Module, context: Context, part: str = "all") -> None:
+    """Keep this site's normalization layers (`part` as `norm_state_keys`) in `context.state`.
+
+    FedBN keeps parameters and statistics; SiloBN only the running statistics, which every
+    site's local training already normalised its batches with: scoring with the averaged
+    statistics instead is what costs the odd sources most (research/probes.md).
+    """
+    keys = set(norm_state_keys(model, part))
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keys}
-    context.state[K.FEDBN_STATE] = ArrayRecord(state)
+    context.state[K.LOCAL_NORM_STATE] = ArrayRecord(state)
 
 
 def round_seed(seed: int, server_round: int, source_index: int) -> int:
@@ -57,8 +72,8 @@ def train(msg: Message, context: Context) -> Message:
         )
     cfg = site.cfg
     site.model.load_state_dict(msg.content[K.ARRAYS].to_torch_state_dict())
-    fedbn = int(config.get(K.FEDBN, 0)) == 1
-    if fedbn:
+    local_norm = local_norm_mode(config)
+    if local_norm is not None:
         restore_local_norm(site.model, context)
     data = site.source.split("train")
     loss_before = loss_on_sample(
@@ -79,8 +94,8 @@ def train(msg: Message, context: Context) -> Message:
         seed=round_seed(int(cfg.seed), int(config[K.SERVER_ROUND]), site.source.index),
         proximal_mu=float(config.get(K.PROXIMAL_MU, 0.0)),
     )
-    if fedbn:
-        save_local_norm(site.model, context)
+    if local_norm is not None:
+        save_local_norm(site.model, context, local_norm)
     metrics = MetricRecord(
         {
             K.NUM_EXAMPLES: len(data),
@@ -112,7 +127,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the received model on this site's validation split (held-out sites: test)."""
     site, config = _site(msg, context)
     site.model.load_state_dict(msg.content[K.ARRAYS].to_torch_state_dict())
-    if int(config.get(K.FEDBN, 0)) == 1 and not site.heldout:
+    if local_norm_mode(config) is not None and not site.heldout:
         restore_local_norm(site.model, context)
     split = "test" if site.heldout else str(config.get(K.SPLIT, "val"))
     data = site.source.split(split)

@@ -35,6 +35,6 @@ HELDOUT = "heldout"  # query reply: 1 when the node serves a held-out (evaluate-
 NUM_PARTITIONS = "num-partitions"  # query reply: simulated federation size (0 when deployed)
 
 # Strategy extras (server -> client config; client -> server optional metrics).
-FEDBN = "fedbn"  # config, 1: keep normalization layers local (FedBN); see client/app.py
-FEDBN_STATE = "fedbn-norm"  # context.state ArrayRecord: this site's own normalization layers
+LOCAL_NORM = "local-norm"  # config, "all" (FedBN) | "stats" (SiloBN): norm layers kept at the site
+LOCAL_NORM_STATE = "local-norm"  # context.state ArrayRecord: this site's own normalization layers
 LOCAL_VAL_LOSS = "local-val-loss"  # optional: the trained local model's validation loss (FedDG-GA)

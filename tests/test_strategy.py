@@ -8,7 +8,6 @@ from hdf import contract as K
 from server.strategy import (
     DRO,
     DROSettings,
-    FedBN,
     FedDGGA,
     LocalOnly,
     QFedAvg,
@@ -285,15 +284,30 @@ def test_feddg_ga_adjusts_weights_by_the_gap() -> None:
     np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 1.6 / 3 + 1.4 / 3), rtol=1e-6)
 
 
-def test_fedbn_flags_train_and_evaluate_configs() -> None:
-    s = _strategy(FedBN)
+@pytest.mark.parametrize("mode", ["stats", "all"])
+def test_local_norm_flags_train_and_evaluate_configs(mode: str) -> None:
+    s = _strategy(SourceFedAvg, local_norm=mode)
     grid = FakeGrid([10, 11, 12])
     config = ConfigRecord({"lr": 0.1})
     train = list(s.configure_train(1, arrays_record(GLOBAL), config, grid))
-    assert all(m.content[K.CONFIG][K.FEDBN] == 1 for m in train)
+    assert all(m.content[K.CONFIG][K.LOCAL_NORM] == mode for m in train)
     evals = list(s.configure_evaluate(1, arrays_record(GLOBAL), config, grid))
-    assert len(evals) == 3 and all(m.content[K.CONFIG][K.FEDBN] == 1 for m in evals)
-    assert K.FEDBN not in config  # the record start() reuses is left alone
+    assert len(evals) == 3 and all(m.content[K.CONFIG][K.LOCAL_NORM] == mode for m in evals)
+    assert K.LOCAL_NORM not in config  # the record start() reuses is left alone
+    plain = _strategy(SourceFedAvg)
+    assert all(
+        K.LOCAL_NORM not in m.content[K.CONFIG]
+        for m in plain.configure_train(1, arrays_record(GLOBAL), config, grid)
+    )
+    with pytest.raises(ValueError, match="local_norm"):
+        _strategy(SourceFedAvg, local_norm="batch")
+
+
+def test_fedbn_preset_keeps_every_norm_layer_local() -> None:
+    from server.strategy import build_strategy
+
+    s = build_strategy({"name": "fedbn"}, train_sources=[0, 1], source_names={0: "a", 1: "b"})
+    assert s.local_norm == "all"
 
 
 def test_local_only_keeps_one_model_per_source() -> None:
@@ -383,7 +397,8 @@ def test_every_strategy_runs_two_rounds_and_resumes(conf: str, tmp_path) -> None
 
 def test_fedbn_client_keeps_its_norm_layers_across_rounds() -> None:
     """The client side of FedBN: after a round the site's norm layers live in context.state;
-    the next received model gets them back (conv weights stay the received ones)."""
+    the next received model gets them back (conv weights stay the received ones). SiloBN keeps
+    only the running statistics: the received affine parameters stay."""
     import torch
     from flwr.app import Context, RecordDict
 
@@ -413,3 +428,18 @@ def test_fedbn_client_keeps_its_norm_layers_across_rounds() -> None:
     restore_local_norm(model, context)
     assert torch.all(model[1].running_mean == 3.0) and torch.all(model[2].weight == 5.0)
     assert torch.all(model[0].weight == 0.0)
+
+    assert norm_state_keys(model, "stats") == [
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+    ]
+    silo = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
+    with torch.no_grad():
+        model[1].running_var.fill_(7.0)
+        model[1].weight.fill_(2.0)
+    save_local_norm(model, silo, "stats")
+    model.load_state_dict(received)
+    restore_local_norm(model, silo)
+    assert torch.all(model[1].running_mean == 3.0) and torch.all(model[1].running_var == 7.0)
+    assert torch.all(model[1].weight == 0.0) and torch.all(model[2].weight == 0.0)

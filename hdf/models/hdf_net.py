@@ -216,13 +216,26 @@ class HDFNet(nn.Module):
         return norm_state_keys(self)
 
 
-def norm_state_keys(module: nn.Module) -> list[str]:
-    """state_dict keys of every normalisation layer of `module`: parameters and running stats."""
+NORM_PARTS = ("all", "stats")
+
+
+def norm_state_keys(module: nn.Module, part: str = "all") -> list[str]:
+    """state_dict keys of the normalisation layers of `module`.
+
+    `part="all"`: parameters and running statistics (FedBN keeps these local); `"stats"`: only
+    the buffers (running mean/var and the batch counter), which SiloBN keeps local while the
+    affine parameters are shared.
+    """
+    if part not in NORM_PARTS:
+        raise ValueError(f"unknown normalisation part {part!r}; choose one of {NORM_PARTS}")
     keys = []
     for mod_name, mod in module.named_modules():
         if isinstance(mod, _NORM_TYPES):
             prefix = f"{mod_name}." if mod_name else ""
-            keys += [prefix + k for k in mod.state_dict(keep_vars=True)]
+            names = dict(mod.named_buffers(recurse=False)) if part == "stats" else None
+            keys += [
+                prefix + k for k in mod.state_dict(keep_vars=True) if names is None or k in names
+            ]
     return keys
 
 

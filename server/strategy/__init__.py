@@ -8,7 +8,6 @@ from typing import Any
 from server.strategy.base import SourceFedAvg
 from server.strategy.dro import DRO
 from server.strategy.dro_math import DRO_MODES, DROSettings
-from server.strategy.fedbn import FedBN
 from server.strategy.feddg_ga import FedDGGA
 from server.strategy.local import LocalOnly
 from server.strategy.qfedavg import QFedAvg
@@ -48,6 +47,7 @@ def _fedavg_kwargs(cfg: Mapping[str, Any], common: dict[str, Any]) -> dict[str, 
         "fraction_train": float(cfg.get("fraction_train", 1.0)),
         "min_train_replies": int(cfg.get("min_train_replies", 1)),
         "proximal_mu": float(cfg.get("proximal_mu", 0.0)),
+        "local_norm": str(cfg.get("local_norm", "none")),
         **common,
     }
 
@@ -112,7 +112,8 @@ def _feddg_ga(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
 
 @register_strategy("fedbn")
 def _fedbn(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
-    return FedBN(**_fedavg_kwargs(cfg, common))
+    """FedBN (Li et al., 2021): FedAvg whose sites keep all their normalisation layers local."""
+    return SourceFedAvg(**{**_fedavg_kwargs(cfg, common), "local_norm": "all"})
 
 
 @register_strategy("local")
@@ -124,7 +125,6 @@ __all__ = [
     "DRO",
     "DRO_MODES",
     "DROSettings",
-    "FedBN",
     "FedDGGA",
     "LocalOnly",
     "QFedAvg",

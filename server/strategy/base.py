@@ -32,6 +32,7 @@ from server.arrays import BLOCK, array_view
 from server.validation import validate_train_replies
 
 log = logging.getLogger(__name__)
+LOCAL_NORM_MODES = ("none", "stats", "all")
 
 
 class SourceFedAvg(FedAvg):
@@ -49,6 +50,11 @@ class SourceFedAvg(FedAvg):
         Fewer valid updates than this and the round keeps the previous model.
     proximal_mu : float (default: 0.0)
         Sent to clients; positive values make them add the FedProx term.
+    local_norm : str (default: "none")
+        Normalisation state every training site keeps local and uses when it trains and scores:
+        "all" (FedBN, Li et al. 2021: parameters and running statistics), "stats" (SiloBN,
+        Andreux et al. 2020: running statistics only, affine parameters shared) or "none". The
+        server still mixes every array, so held-out sources are scored with the mixed state.
 
     The remaining keyword arguments are FedAvg's.
     """
@@ -61,8 +67,13 @@ class SourceFedAvg(FedAvg):
         seed: int = 0,
         min_train_replies: int = 1,
         proximal_mu: float = 0.0,
+        local_norm: str = "none",
         **fedavg_kwargs: Any,
     ) -> None:
+        if local_norm not in LOCAL_NORM_MODES:
+            raise ValueError(
+                f"strategy.local_norm={local_norm!r}; choose one of {', '.join(LOCAL_NORM_MODES)}"
+            )
         fedavg_kwargs.setdefault("min_train_nodes", 1)
         fedavg_kwargs.setdefault("min_evaluate_nodes", 1)
         fedavg_kwargs.setdefault("min_available_nodes", 1)
@@ -72,6 +83,7 @@ class SourceFedAvg(FedAvg):
         self.seed = seed
         self.min_train_replies = min_train_replies
         self.proximal_mu = proximal_mu
+        self.local_norm = local_norm
         self.node_source: dict[int, int] = {}  # node id -> source index
         self.heldout_nodes: set[int] = set()
         self.current_arrays: ArrayRecord | None = None
@@ -107,6 +119,8 @@ class SourceFedAvg(FedAvg):
         out[K.SERVER_ROUND] = server_round
         if self.proximal_mu > 0:
             out[K.PROXIMAL_MU] = float(self.proximal_mu)
+        if self.local_norm != "none":
+            out[K.LOCAL_NORM] = self.local_norm
         return out
 
     def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
@@ -202,6 +216,8 @@ class SourceFedAvg(FedAvg):
         """The config sent with every evaluate message (a copy, as for training)."""
         out = ConfigRecord(dict(config))
         out[K.SERVER_ROUND] = server_round
+        if self.local_norm != "none":
+            out[K.LOCAL_NORM] = self.local_norm  # sites score with their own norm state
         return out
 
     def aggregate_evaluate(
