@@ -5,8 +5,10 @@
 
 One "round" is `train.local_epochs` passes over the pooled training data, with the same
 optimiser, schedule and HDF loss a client uses, so a round costs what a federated round costs
-in total. The run folder has the same metrics.jsonl contract as a federated run (lambda holds
-each source's share of the pooled data); the last line printed is its path.
+in total. With `train.keep_optimizer_state` the optimiser state carries over from one round to
+the next, as it does at a federated site. The run folder has the same metrics.jsonl contract as
+a federated run (lambda holds each source's share of the pooled data); the last line printed is
+its path.
 """
 
 from __future__ import annotations
@@ -69,10 +71,11 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
     pooled = ConcatClipDataset([s.split("train") for s in train_sources])
     share = {s.name: len(s.split("train")) / len(pooled) for s in train_sources}
     tracker = Tracker(cfg, run)
+    optimizer_state = None  # only with train.keep_optimizer_state
     for r in range(0, int(cfg.rounds) + 1):
         t0 = time.monotonic()
         if r > 0:
-            train_local(
+            stats = train_local(
                 model,
                 pooled,
                 cfg,
@@ -80,7 +83,9 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
                 epochs=int(cfg.train.local_epochs),
                 lr=lr_of_round(cfg, r),
                 seed=int(cfg.seed) * 1_000_003 + r,
+                optimizer_state=optimizer_state,
             )
+            optimizer_state = stats.get("optimizer_state")
         row = {
             "round": r,
             "lambda": share,
