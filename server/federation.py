@@ -27,7 +27,7 @@ from hdf.optim.schedule import round_lr
 from server.heldout import HeldoutEvaluator
 from server.outputs import RunFolder, rng_state, set_rng_state
 from server.report import format_row
-from server.strategy import SourceFedAvg, build_strategy
+from server.strategy import ServerOptimizer, ServerOptSettings, SourceFedAvg, build_strategy
 from server.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,10 @@ class Federation:
             source_names=self.names,
             seed=int(cfg.seed),
             source_sizes=sizes,
+            server_opt=ServerOptimizer(
+                ServerOptSettings.from_config(cfg.get("server_opt") or {}),
+                buffers=[name for name, _ in model.named_buffers()],
+            ),
         )
         self._register(nodes)
         missing = {s.name for s in self.train_sources} - {
@@ -146,6 +150,8 @@ class Federation:
             return False
         self.arrays = ArrayRecord(ckpt["model"])
         self.strategy.load_state_dict(ckpt["strategy"])
+        if self.strategy.server_opt is not None and ckpt.get("server_opt"):
+            self.strategy.server_opt.load_state_dict(ckpt["server_opt"])
         set_rng_state(ckpt["rng"])
         self.start_round = int(ckpt["round"]) + 1
         self.run.truncate_metrics(int(ckpt["round"]))
@@ -158,6 +164,11 @@ class Federation:
                 "round": server_round,
                 "model": self.arrays.to_torch_state_dict(),
                 "strategy": self.strategy.state_dict(),
+                "server_opt": (
+                    self.strategy.server_opt.state_dict()
+                    if self.strategy.server_opt is not None
+                    else None
+                ),
                 "rng": rng_state(),
                 "config": self.cfg_yaml,
             }

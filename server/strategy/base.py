@@ -4,7 +4,8 @@ Flower identifies nodes by id, and ids change when a site reconnects; sources ar
 class keeps the node -> source map (learned by a query message), trains only nodes of training
 sources, validates replies, and keeps every source's numbers instead of only a weighted mean.
 Subclasses override `aggregate_updates` (how valid updates become the new model) and, if they
-must send something per round, `train_config`.
+must send something per round, `train_config`. Whatever they mix, the optional server optimiser
+(`server_opt`, server/strategy/server_opt.py) then steps from the global model along the mix.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from hdf import contract as K
 from server.arrays import BLOCK, array_view
+from server.strategy.server_opt import ServerOptimizer
 from server.validation import validate_train_replies
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ class SourceFedAvg(FedAvg):
         Fewer valid updates than this and the round keeps the previous model.
     proximal_mu : float (default: 0.0)
         Sent to clients; positive values make them add the FedProx term.
+    server_opt : ServerOptimizer | None (default: None)
+        Steps from the global model along `mix - global` (FedAvgM, FedAdam, FedYogi, a server
+        lr); None takes the mix as the new model.
 
     The remaining keyword arguments are FedAvg's.
     """
@@ -61,6 +66,7 @@ class SourceFedAvg(FedAvg):
         seed: int = 0,
         min_train_replies: int = 1,
         proximal_mu: float = 0.0,
+        server_opt: ServerOptimizer | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         fedavg_kwargs.setdefault("min_train_nodes", 1)
@@ -72,6 +78,7 @@ class SourceFedAvg(FedAvg):
         self.seed = seed
         self.min_train_replies = min_train_replies
         self.proximal_mu = proximal_mu
+        self.server_opt = server_opt
         self.node_source: dict[int, int] = {}  # node id -> source index
         self.heldout_nodes: set[int] = set()
         self.current_arrays: ArrayRecord | None = None
@@ -155,6 +162,8 @@ class SourceFedAvg(FedAvg):
             )
             return None, None
         arrays = self.aggregate_updates(server_round, valid)
+        if arrays is not None and self.server_opt is not None and self.current_arrays is not None:
+            arrays = self.server_opt.step(self.current_arrays, arrays)
         return arrays, self.train_summary()
 
     def train_summary(self) -> MetricRecord:
