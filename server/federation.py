@@ -27,6 +27,7 @@ from hdf.optim.schedule import round_lr
 from server.heldout import HeldoutEvaluator
 from server.outputs import RunFolder, rng_state, set_rng_state
 from server.report import format_row
+from server.selection import BestModel
 from server.strategy import ServerOptimizer, ServerOptSettings, SourceFedAvg, build_strategy
 from server.tracking import Tracker
 
@@ -136,6 +137,7 @@ class Federation:
         )
         self.eval_config = ConfigRecord({K.RUN_CONFIG: self.cfg_yaml, K.SPLIT: "val"})
         self.tracker = Tracker(cfg, run)
+        self.best = BestModel(run.path, self.cfg_yaml)
         self.start_round = 1
 
     def _register(self, nodes: dict[int, dict[str, int]]) -> None:
@@ -155,6 +157,7 @@ class Federation:
         set_rng_state(ckpt["rng"])
         self.start_round = int(ckpt["round"]) + 1
         self.run.truncate_metrics(int(ckpt["round"]))
+        self.best.resume(self.run.read_metrics(), int(ckpt["round"]), ckpt["model"])
         self.console.print(f"resuming {self.run.path} after round {ckpt['round']}")
         return True
 
@@ -264,12 +267,14 @@ class Federation:
             self.tracker.log(row)
             self.show(row)
             self.checkpoint(0)
+            self.best.offer(row, self.arrays.to_torch_state_dict)
         for r in range(self.start_round, int(self.cfg.rounds) + 1):
             row = self.round(r)
             self.run.append_metrics(row)
             self.tracker.log(row)
             self.show(row)
             self.checkpoint(r)
+            self.best.offer(row, self.arrays.to_torch_state_dict)
         self._pool.shutdown()
         self.tracker.finish()
         self.run.mark_done()

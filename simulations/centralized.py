@@ -29,6 +29,7 @@ from hdf.train import train_local
 from server.federation import lr_of_round
 from server.outputs import RunFolder
 from server.report import format_row, write_report
+from server.selection import BestModel
 from server.tracking import Tracker
 from simulations.config import compose
 
@@ -61,7 +62,9 @@ def score(
 def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None = None) -> RunFolder:
     """Train on the pooled training sources, scoring every source after each round."""
     console = console or Console(highlight=False, soft_wrap=True)
-    run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    run.write_config(cfg_yaml)
+    best = BestModel(run.path, cfg_yaml)  # selected on the training sources' validation only
     seed_everything(int(cfg.seed))
     train_sources, heldout = split_sources(
         build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train")
@@ -94,6 +97,7 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
             "seconds": time.monotonic() - t0,
         }
         run.append_metrics(row)
+        best.offer(row, model.state_dict)
         tracker.log(row)
         console.print(format_row(row, int(cfg.rounds)))
     tracker.finish()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from server.app import open_run, resolve_resume
+from server.selection import select_round
 from simulations.config import compose
 from simulations.run import simulate
 
@@ -41,8 +42,11 @@ def test_simulation_writes_the_run_folder_contract(tmp_path) -> None:
         assert set(r["heldout"]) == {"phone"}
         assert {"uar", "war"} <= set(r["heldout"]["phone"])
     assert rows[-1]["replied"] == 3 and rows[-1]["rejected"] == []
-    for name in ("config.yaml", "checkpoint.pt", "report.md", "lambda.png", "done"):
+    for name in ("config.yaml", "checkpoint.pt", "report.md", "lambda.png", "done", "best.pt"):
         assert (run.path / name).exists(), name
+    best = json.loads((run.path / "best.json").read_text())
+    assert best["round"] == select_round(rows).round
+    assert torch.load(run.path / "best.pt", weights_only=False)["round"] == best["round"]
     ckpt = torch.load(run.path / "checkpoint.pt", weights_only=False)
     assert ckpt["round"] == 2
     assert set(ckpt["strategy"]["lambda"]) == {0, 1, 2}  # keyed by source index
