@@ -165,6 +165,11 @@ def test_selected_round_is_scored_beside_the_last(tmp_path) -> None:
     assert sel["mean_heldout_uar"] == 0.0 and sel["worst_train_uar"] == pytest.approx(0.65)
     assert sel["vs_fedavg"]["heldout_mean"]["diff"] == 0.0
     assert sel["vs_fedavg"]["train_worst"]["diff"] == pytest.approx(0.1)
+    # against the pooled model's own selected round (held-out 0 there: no ratio)
+    assert sel["ratio_to_centralized"] == {
+        "train_mean": pytest.approx(0.7 / 0.9),
+        "heldout_mean": None,
+    }
     assert "## Last round and selected round (best.pt)" in report
     assert "| dro | 60.0 / 0.0 | 50.0 / 0.0 |" in report
 
