@@ -238,3 +238,18 @@ def test_tiny_real_sweep(tmp_path) -> None:
     calls: list = []
     assert loso.main(argv, launcher=lambda run: calls.append(run) or 1) == 0
     assert calls == []
+
+
+def test_compute_matched_preset_plans_equal_client_epochs() -> None:
+    """3 strategies x 5 seeds x 2 held-out sources; every run gets the same rounds and local
+    epochs (pooled: epochs over the pooled data); the strategy list yields to the command line."""
+    sweep = loso.plan(["experiment=compute_matched"])
+    assert len(sweep.runs) == 30 and sweep.jobs == 2
+    assert sweep.seeds == [0, 1, 2, 3, 4] and sweep.heldout == ["phone", "night_ir"]
+    budgets = set()
+    for run in sweep.runs:
+        cfg = loso.compose(run.overrides)
+        budgets.add((int(cfg.rounds) * int(cfg.train.local_epochs), cfg.model.backbone))
+    assert budgets == {(20, "tiny3d")}
+    mine = loso.plan(["experiment=compute_matched", "loso.strategies=[centralized,dro]"])
+    assert mine.strategies == ["centralized", "dro"] and len(mine.runs) == 20
