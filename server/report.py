@@ -109,17 +109,23 @@ def selection_lines(rows: list[dict[str, Any]]) -> list[str]:
         "",
         f"{BEST_MODEL_FILE} holds the model of round {chosen.round}, chosen by the {CRITERION}.",
         "",
-        "| model | round | worst training UAR | mean training UAR | "
-        + "".join(f"held-out {n} UAR | " for n in held),
+        "| "
+        + " | ".join(
+            ["model", "round", "worst training UAR", "mean training UAR"]
+            + [f"held-out {n} UAR" for n in held]
+        )
+        + " |",
         "|---" * (4 + len(held)) + "|",
     ]
     for label, row in (("selected", by_round[chosen.round]), ("last", last)):
         s = score_row(row)
-        cells = [_fmt(row.get("heldout", {}).get(n, {}).get("uar")) for n in held]
-        lines.append(
-            f"| {label} | {row['round']} | {_fmt(s.worst_train_uar if s else None)} | "
-            f"{_fmt(s.mean_train_uar if s else None)} | " + "".join(f"{c} | " for c in cells)
-        )
+        cells = [
+            label,
+            str(row["round"]),
+            _fmt(s.worst_train_uar if s else None),
+            _fmt(s.mean_train_uar if s else None),
+        ] + [_fmt(row.get("heldout", {}).get(n, {}).get("uar")) for n in held]
+        lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 

@@ -93,5 +93,5 @@ def test_report_shows_heldout_at_the_selected_and_the_last_round(tmp_path) -> No
         run.append_metrics(row)
     text = write_report(run).read_text()
     assert "best.pt holds the model of round 1" in text
-    assert "| selected | 1 | 40.0 | 45.0 | 30.0 | " in text
-    assert "| last | 2 | 20.0 | 40.0 | 45.0 | " in text
+    assert "| selected | 1 | 40.0 | 45.0 | 30.0 |" in text
+    assert "| last | 2 | 20.0 | 40.0 | 45.0 |" in text
