@@ -6,20 +6,29 @@ but its node config (which source, where its data lives) to take part in any run
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.optimizer_state import (
+    drop_optimizer_state,
+    restore_optimizer_state,
+    run_key,
+    save_optimizer_state,
+)
 from client.site import Site, get_site
 from hdf import contract as K
 from hdf.classes import NUM_CLASSES
 from hdf.evaluate import evaluate as evaluate_model
 from hdf.models.hdf_net import NORM_PARTS, norm_state_keys
+from hdf.optim.base import OptimizerStateError
 from hdf.train import loss_on_sample, train_local
 
 app = ClientApp()
+log = logging.getLogger(__name__)
 
 
 def _site(msg: Message, context: Context) -> tuple[Site, ConfigRecord]:
@@ -84,16 +93,34 @@ def train(msg: Message, context: Context) -> Message:
         seed=int(cfg.seed),
         batch_size=int(cfg.eval.batch_size),
     )
-    stats = train_local(
-        site.model,
-        data,
-        cfg,
-        site.device,
-        epochs=int(config[K.LOCAL_EPOCHS]),
-        lr=float(config[K.LR]),
-        seed=round_seed(int(cfg.seed), int(config[K.SERVER_ROUND]), site.source.index),
-        proximal_mu=float(config.get(K.PROXIMAL_MU, 0.0)),
-    )
+    server_round = int(config[K.SERVER_ROUND])
+    keep = bool(cfg.train.get("keep_optimizer_state", False))
+    optimizer = str(cfg.train.get("optimizer", "adamw"))
+    run = run_key(context, str(config[K.RUN_CONFIG]))
+    kept = restore_optimizer_state(context, run, server_round, optimizer) if keep else None
+
+    def local(state: dict[str, torch.Tensor] | None) -> dict:
+        return train_local(
+            site.model,
+            data,
+            cfg,
+            site.device,
+            epochs=int(config[K.LOCAL_EPOCHS]),
+            lr=float(config[K.LR]),
+            seed=round_seed(int(cfg.seed), server_round, site.source.index),
+            proximal_mu=float(config.get(K.PROXIMAL_MU, 0.0)),
+            optimizer_state=state,
+        )
+
+    try:
+        stats = local(kept)
+    except OptimizerStateError as err:  # raised before any step: the model is untouched
+        log.warning("round %d: kept optimiser state dropped: %s", server_round, err)
+        stats = local(None)
+    if keep and stats.get("optimizer_state"):
+        save_optimizer_state(context, stats["optimizer_state"], run, server_round, optimizer)
+    elif keep:
+        drop_optimizer_state(context)
     if local_norm is not None:
         save_local_norm(site.model, context, local_norm)
     metrics = MetricRecord(

@@ -38,3 +38,5 @@ NUM_PARTITIONS = "num-partitions"  # query reply: simulated federation size (0 w
 LOCAL_NORM = "local-norm"  # config, "all" (FedBN) | "stats" (SiloBN): norm layers kept at the site
 LOCAL_NORM_STATE = "local-norm"  # context.state ArrayRecord: this site's own normalization layers
 LOCAL_VAL_LOSS = "local-val-loss"  # optional: the trained local model's validation loss (FedDG-GA)
+OPTIMIZER_STATE = "optimizer-state"  # context.state ArrayRecord: this site's optimiser state
+OPTIMIZER_META = "optimizer-meta"  # context.state ConfigRecord: the round, run and kind it is from

@@ -1,8 +1,10 @@
 """Local training with DSM and SAM (paper Secs. 4-5) and the DRO `loss-before` probe.
 
 One call of `train_local` is one client's work in one federated round (or one epoch block of the
-centralized baseline): a fresh AdamW wrapped in SAM, a per-step warm-up + cosine schedule, DSM with
-g from SAM's first pass, optional FedProx term, training-batch augmentation, mixed precision.
+centralized baseline): AdamW (or SGD + momentum) wrapped in SAM, a per-step warm-up + cosine
+schedule, DSM with g from SAM's first pass, optional FedProx term, training-batch augmentation,
+mixed precision. The optimiser is built each call; with `train.keep_optimizer_state` its
+per-parameter state is returned and may be passed to the next call (`hdf.optim.base`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from hdf.device import autocast_context, autocast_dtype
 from hdf.evaluate import predict
 from hdf.losses.dsm import DSMLoss
 from hdf.metrics import uar, war
+from hdf.optim.base import build_optimizer, export_state, import_state
 from hdf.optim.sam import SAM
 from hdf.optim.schedule import cosine_with_warmup
 
@@ -109,12 +112,17 @@ def train_local(
     seed: int,
     proximal_mu: float = 0.0,
     progress: bool = False,
-) -> dict[str, float]:
+    optimizer_state: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """Train ``model`` in place for ``epochs`` passes over ``dataset`` with DSM + SAM(AdamW).
 
     Returns means over the training steps of the first-pass (unperturbed) loss and its parts,
     UAR/WAR of the first-pass training predictions, the mean SAM gradient norm g, the number of
-    examples and of steps, and the steps skipped for a non-finite loss.
+    examples and of steps, and the steps skipped for a non-finite loss. With
+    ``train.keep_optimizer_state`` it also returns ``optimizer_state``: the base optimiser's
+    per-parameter state after the last step (SAM keeps none of its own), which a later call
+    continues from when given as ``optimizer_state`` (`OptimizerStateError`, before any step,
+    if it does not fit the model).
     """
     device = torch.device(device)
     n = len(dataset)  # type: ignore[arg-type]
@@ -139,11 +147,15 @@ def train_local(
         drop_last=False,
     )
     steps_total = epochs * len(loader)
-    base = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=lr,
+    base = build_optimizer(
+        model,
+        str(_get(cfg, "train.optimizer", "adamw")),
+        lr,
         weight_decay=float(_get(cfg, "train.weight_decay", 0.05)),
+        momentum=float(_get(cfg, "train.momentum", 0.9)),
     )
+    if optimizer_state:
+        import_state(base, model, optimizer_state)
     sam = SAM(model.parameters(), base, rho)
     sched = cosine_with_warmup(
         base,
@@ -225,7 +237,7 @@ def train_local(
     y_true = np.concatenate(labels_all) if labels_all else np.zeros(0, dtype=np.int64)
     y_pred = np.concatenate(preds_all) if preds_all else np.zeros(0, dtype=np.int64)
     means = {k: v / max(steps, 1) for k, v in sums.items()}
-    return {
+    out: dict[str, Any] = {
         "loss": means.get("total", float("nan")),
         **{k: v for k, v in means.items() if k != "total"},
         "uar": uar(y_true, y_pred),
@@ -236,6 +248,9 @@ def train_local(
         "grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
         "seconds": time.perf_counter() - t0,
     }
+    if bool(_get(cfg, "train.keep_optimizer_state", False)):
+        out["optimizer_state"] = export_state(base, model)
+    return out
 
 
 class SampleLoss(NamedTuple):

@@ -27,7 +27,8 @@ from hdf.optim.schedule import round_lr
 from server.heldout import HeldoutEvaluator
 from server.outputs import RunFolder, rng_state, set_rng_state
 from server.report import format_row
-from server.strategy import SourceFedAvg, build_strategy
+from server.selection import BestModel
+from server.strategy import ServerOptimizer, ServerOptSettings, SourceFedAvg, build_strategy
 from server.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,10 @@ class Federation:
             source_names=self.names,
             seed=int(cfg.seed),
             source_sizes=sizes,
+            server_opt=ServerOptimizer(
+                ServerOptSettings.from_config(cfg.get("server_opt") or {}),
+                buffers=[name for name, _ in model.named_buffers()],
+            ),
         )
         self._register(nodes)
         missing = {s.name for s in self.train_sources} - {
@@ -132,6 +137,7 @@ class Federation:
         )
         self.eval_config = ConfigRecord({K.RUN_CONFIG: self.cfg_yaml, K.SPLIT: "val"})
         self.tracker = Tracker(cfg, run)
+        self.best = BestModel(run.path, self.cfg_yaml)
         self.start_round = 1
 
     def _register(self, nodes: dict[int, dict[str, int]]) -> None:
@@ -146,9 +152,12 @@ class Federation:
             return False
         self.arrays = ArrayRecord(ckpt["model"])
         self.strategy.load_state_dict(ckpt["strategy"])
+        if self.strategy.server_opt is not None and ckpt.get("server_opt"):
+            self.strategy.server_opt.load_state_dict(ckpt["server_opt"])
         set_rng_state(ckpt["rng"])
         self.start_round = int(ckpt["round"]) + 1
         self.run.truncate_metrics(int(ckpt["round"]))
+        self.best.resume(self.run.read_metrics(), int(ckpt["round"]), ckpt["model"])
         self.console.print(f"resuming {self.run.path} after round {ckpt['round']}")
         return True
 
@@ -158,6 +167,11 @@ class Federation:
                 "round": server_round,
                 "model": self.arrays.to_torch_state_dict(),
                 "strategy": self.strategy.state_dict(),
+                "server_opt": (
+                    self.strategy.server_opt.state_dict()
+                    if self.strategy.server_opt is not None
+                    else None
+                ),
                 "rng": rng_state(),
                 "config": self.cfg_yaml,
             }
@@ -253,12 +267,14 @@ class Federation:
             self.tracker.log(row)
             self.show(row)
             self.checkpoint(0)
+            self.best.offer(row, self.arrays.to_torch_state_dict)
         for r in range(self.start_round, int(self.cfg.rounds) + 1):
             row = self.round(r)
             self.run.append_metrics(row)
             self.tracker.log(row)
             self.show(row)
             self.checkpoint(r)
+            self.best.offer(row, self.arrays.to_torch_state_dict)
         self._pool.shutdown()
         self.tracker.finish()
         self.run.mark_done()

@@ -13,6 +13,7 @@ import numpy as np
 
 from hdf.classes import EMOTIONS
 from server.outputs import RunFolder
+from server.selection import BEST_MODEL_FILE, CRITERION, score_row, select_round
 
 
 def _fmt(x: float | None) -> str:
@@ -95,6 +96,39 @@ def plot_confusion(confusion: list[list[int]], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def selection_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Report lines: the selected round (best.pt) against the last, held-out scores at both."""
+    chosen = select_round(rows)
+    if chosen is None:
+        return []
+    by_round = {r["round"]: r for r in rows}
+    last = rows[-1]
+    held = sorted(last.get("heldout", {}))
+    lines = [
+        f"## Model selection ({BEST_MODEL_FILE})",
+        "",
+        f"{BEST_MODEL_FILE} holds the model of round {chosen.round}, chosen by the {CRITERION}.",
+        "",
+        "| "
+        + " | ".join(
+            ["model", "round", "worst training UAR", "mean training UAR"]
+            + [f"held-out {n} UAR" for n in held]
+        )
+        + " |",
+        "|---" * (4 + len(held)) + "|",
+    ]
+    for label, row in (("selected", by_round[chosen.round]), ("last", last)):
+        s = score_row(row)
+        cells = [
+            label,
+            str(row["round"]),
+            _fmt(s.worst_train_uar if s else None),
+            _fmt(s.mean_train_uar if s else None),
+        ] + [_fmt(row.get("heldout", {}).get(n, {}).get("uar")) for n in held]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_report(run: RunFolder) -> Path:
     """Write report.md and the plots into the run folder; returns the report's path."""
     rows = run.read_metrics()
@@ -143,6 +177,7 @@ def write_report(run: RunFolder) -> Path:
                 lines.append("")
                 lines.append(f"![confusion {n}]({png})")
         lines.append("")
+    lines += selection_lines(rows)
     lines += ["## Plots", "", "![lambda](lambda.png)", "", "![train UAR](train_uar.png)", ""]
     if last["heldout"]:
         lines += ["![held-out UAR](heldout_uar.png)", ""]

@@ -5,8 +5,10 @@
 
 One "round" is `train.local_epochs` passes over the pooled training data, with the same
 optimiser, schedule and HDF loss a client uses, so a round costs what a federated round costs
-in total. The run folder has the same metrics.jsonl contract as a federated run (lambda holds
-each source's share of the pooled data); the last line printed is its path.
+in total. With `train.keep_optimizer_state` the optimiser state carries over from one round to
+the next, as it does at a federated site. The run folder has the same metrics.jsonl contract as
+a federated run (lambda holds each source's share of the pooled data); the last line printed is
+its path.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from hdf.train import train_local
 from server.federation import lr_of_round
 from server.outputs import RunFolder
 from server.report import format_row, write_report
+from server.selection import BestModel
 from server.tracking import Tracker
 from simulations.config import compose
 
@@ -59,7 +62,9 @@ def score(
 def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None = None) -> RunFolder:
     """Train on the pooled training sources, scoring every source after each round."""
     console = console or Console(highlight=False, soft_wrap=True)
-    run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    run.write_config(cfg_yaml)
+    best = BestModel(run.path, cfg_yaml)  # selected on the training sources' validation only
     seed_everything(int(cfg.seed))
     train_sources, heldout = split_sources(
         build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train")
@@ -69,10 +74,11 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
     pooled = ConcatClipDataset([s.split("train") for s in train_sources])
     share = {s.name: len(s.split("train")) / len(pooled) for s in train_sources}
     tracker = Tracker(cfg, run)
+    optimizer_state = None  # only with train.keep_optimizer_state
     for r in range(0, int(cfg.rounds) + 1):
         t0 = time.monotonic()
         if r > 0:
-            train_local(
+            stats = train_local(
                 model,
                 pooled,
                 cfg,
@@ -80,7 +86,9 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
                 epochs=int(cfg.train.local_epochs),
                 lr=lr_of_round(cfg, r),
                 seed=int(cfg.seed) * 1_000_003 + r,
+                optimizer_state=optimizer_state,
             )
+            optimizer_state = stats.get("optimizer_state")
         row = {
             "round": r,
             "lambda": share,
@@ -89,6 +97,7 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
             "seconds": time.monotonic() - t0,
         }
         run.append_metrics(row)
+        best.offer(row, model.state_dict)
         tracker.log(row)
         console.print(format_row(row, int(cfg.rounds)))
     tracker.finish()

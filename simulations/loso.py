@@ -15,6 +15,10 @@ hash of the run overrides (not of the `loso.*` lists, so adding a strategy or a 
 is done) and each run folder by a hash of its own overrides (DomainBed's sweep.py): a re-run
 skips runs with a `done` marker and resumes a run that died from its checkpoint. The sweep
 folder gets report.md, plots and summary.json; its path is the last line printed.
+
+Every strategy is compared with FedAvg and with the pooled baseline by paired differences over
+the (seed, held-out source) pairs both ran, with a 95 % paired-t interval (`simulations.stats`),
+at the last round and at each run's selected round (`best.pt`, chosen on training sources only).
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, DONE_FILE, METRICS_FILE
+from server.selection import select_round
 from simulations.config import compose
+from simulations.stats import PairedDiff, paired_ci, verdict
 
 LOSO_DEFAULTS: dict[str, Any] = {
     "strategies": ["fedavg", "dro"],  # conf/strategy file names, or "centralized"
@@ -244,57 +250,171 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return float(np.mean(xs)), float(np.std(xs))  # population std: 0 with one seed
 
 
+AT = ("last", "selected")  # which round of a run is scored: its last, or its best.pt round
+METRICS = ("heldout_mean", "heldout_worst", "train_mean", "train_worst")
+BASELINES = {"vs_fedavg": "fedavg", "vs_centralized": CENTRALIZED}
+Values = dict[tuple[int, str], dict[str, Any]]  # (seed, held-out source) -> one run's numbers
+
+
+def _pick(rows: list[dict[str, Any]], at: str) -> dict[str, Any] | None:
+    """The row scored for a run: its last, or its selected round (training sources only)."""
+    if not rows:
+        return None
+    if at == "last":
+        return rows[-1]
+    chosen = select_round(rows)
+    return next((r for r in rows if r["round"] == chosen.round), None) if chosen else rows[-1]
+
+
+def run_values(sweep: Sweep, strategy: str, at: str) -> Values:
+    """Per finished run of `strategy`: held-out UAR and WAR, training-source UARs, round."""
+    out: Values = {}
+    for r in sweep.runs:
+        if r.strategy != strategy or not r.done:
+            continue
+        row = _pick(_rows(r), at)
+        if row is None:
+            continue
+        v: dict[str, Any] = {"round": row["round"]}
+        held = row.get("heldout", {}).get(r.heldout)
+        if held is not None:
+            v["heldout"], v["heldout_war"] = held["uar"], held["war"]
+        train = {n: x["uar"] for n, x in row.get("train", {}).items()}
+        if train:
+            v["train_by_source"] = train
+            v["train_mean"] = float(np.mean(list(train.values())))
+            v["train_worst"] = float(min(train.values()))
+        out[(r.seed, r.heldout)] = v
+    return out
+
+
+def aggregate(values: Values, heldout: list[str]) -> dict[str, float | None]:
+    """mean/worst held-out UAR (over held-out sources of their seed means) and mean/worst
+    training-source UAR (averaged over runs) of one strategy's runs."""
+    by_source = {
+        h: [v["heldout"] for (_, hh), v in values.items() if hh == h and "heldout" in v]
+        for h in heldout
+    }
+    means = [float(np.mean(x)) for x in by_source.values() if x]
+    train = [v for v in values.values() if "train_mean" in v]
+    return {
+        "mean_heldout_uar": float(np.mean(means)) if means else None,
+        "worst_heldout_uar": float(np.min(means)) if means else None,
+        "worst_train_uar": float(np.mean([v["train_worst"] for v in train])) if train else None,
+        "mean_train_uar": float(np.mean([v["train_mean"] for v in train])) if train else None,
+    }
+
+
+def paired(a: Values, b: Values, metric: str, heldout: list[str]) -> tuple[list[float], ...]:
+    """The paired samples of `metric` for strategies a and b (pairs both have).
+
+    Per (seed, held-out source) run: heldout_mean is its held-out UAR, train_mean / train_worst
+    its training sources' mean / worst validation UAR. heldout_worst pairs per seed: the worst
+    held-out source of that seed (only seeds with every held-out source done in both), so its
+    n is the number of seeds.
+    """
+    if metric == "heldout_worst":
+        xs, ys = [], []
+        for seed in sorted({k[0] for k in a}):
+            keys = [(seed, h) for h in heldout]
+            if all("heldout" in a.get(k, {}) and "heldout" in b.get(k, {}) for k in keys):
+                xs.append(min(a[k]["heldout"] for k in keys))
+                ys.append(min(b[k]["heldout"] for k in keys))
+        return xs, ys
+    field_ = "heldout" if metric == "heldout_mean" else metric
+    keys = sorted(k for k in a if field_ in a[k] and field_ in b.get(k, {}))
+    return [a[k][field_] for k in keys], [b[k][field_] for k in keys]
+
+
+def comparisons(values: dict[str, Values], heldout: list[str]) -> dict[str, dict[str, Any]]:
+    """Per strategy: `vs_fedavg` / `vs_centralized` {metric: {diff, lo, hi, n}} (paired t)."""
+    out: dict[str, dict[str, Any]] = {}
+    for strategy, mine in values.items():
+        out[strategy] = {}
+        for key, base in BASELINES.items():
+            if base == strategy or base not in values:
+                continue
+            cmp = {}
+            for metric in METRICS:
+                xs, ys = paired(mine, values[base], metric, heldout)
+                if xs:
+                    cmp[metric] = paired_ci(xs, ys).as_dict()
+            out[strategy][key] = cmp
+    return out
+
+
+def ratio_to_centralized(
+    mine: dict[str, Any], central: dict[str, Any] | None
+) -> dict[str, float | None] | None:
+    """Federated / pooled for in-distribution mean and held-out mean UAR."""
+    if central is None:
+        return None
+
+    def ratio(key: str) -> float | None:
+        x, y = mine.get(key), central.get(key)
+        return None if x is None or not y else float(x) / float(y)
+
+    return {"train_mean": ratio("mean_train_uar"), "heldout_mean": ratio("mean_heldout_uar")}
+
+
 def summarize(sweep: Sweep) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(summary.json content, details for the report) from the finished runs' last rows.
+    """(summary.json content, details for the report) from the finished runs.
 
     Per strategy and held-out source: UAR and WAR of the last round's global model on the source's
     test split, mean and (population) std over seeds. mean_heldout_uar / worst_heldout_uar: mean
     and min over held-out sources of those means. worst_train_uar / mean_train_uar: the worst
     training source's validation UAR / the training sources' mean validation UAR in each run's
-    last round, averaged over that strategy's runs.
+    last round, averaged over that strategy's runs. vs_fedavg / vs_centralized: paired
+    differences with 95 % paired-t intervals (`comparisons`); ratio_to_centralized: this
+    strategy's over the pooled baseline's mean UARs. `selected`: the same numbers at each run's
+    selected round (best.pt: the best worst training-source validation UAR), plus its rounds.
     """
     summary: dict[str, Any] = {}
     details: dict[str, Any] = {}
+    values = {at: {s: run_values(sweep, s, at) for s in sweep.strategies} for at in AT}
     for strategy in sweep.strategies:
         runs = [r for r in sweep.runs if r.strategy == strategy and r.done]
+        last = values["last"][strategy]
         held: dict[str, Any] = {}
-        worst_train, mean_train, train_by_source, seconds = [], [], {}, []
         for h in sweep.heldout:
-            last = [_rows(r)[-1] for r in runs if r.heldout == h and _rows(r)]
-            last = [x for x in last if h in x.get("heldout", {})]
-            if not last:
+            xs = [v for (_, hh), v in last.items() if hh == h and "heldout" in v]
+            if not xs:
                 continue
-            um, us = _mean_std([x["heldout"][h]["uar"] for x in last])
-            wm, ws = _mean_std([x["heldout"][h]["war"] for x in last])
+            um, us = _mean_std([x["heldout"] for x in xs])
+            wm, ws = _mean_std([x["heldout_war"] for x in xs])
             held[h] = {"uar_mean": um, "uar_std": us, "war_mean": wm, "war_std": ws}
-        for r in runs:
-            rows = _rows(r)
-            if not rows:
-                continue
-            info = r.path / RUN_INFO
-            if info.exists():
-                seconds.append(float(json.loads(info.read_text()).get("wall_s", 0.0)))
-            train = rows[-1].get("train", {})
-            if train:
-                worst_train.append(min(v["uar"] for v in train.values()))
-                mean_train.append(float(np.mean([v["uar"] for v in train.values()])))
-                for name, v in train.items():
-                    train_by_source.setdefault(name, []).append(v["uar"])
         if not held:
             continue
-        means = [v["uar_mean"] for v in held.values()]
-        summary[strategy] = {
-            "heldout": held,
-            "mean_heldout_uar": float(np.mean(means)),
-            "worst_heldout_uar": float(np.min(means)),
-            "worst_train_uar": float(np.mean(worst_train)) if worst_train else None,
-            "mean_train_uar": float(np.mean(mean_train)) if mean_train else None,
+        summary[strategy] = {"heldout": held, **aggregate(last, sweep.heldout)}
+        selected = values["selected"][strategy]
+        summary[strategy]["selected"] = {
+            **aggregate(selected, sweep.heldout),
+            "rounds": sorted(v["round"] for v in selected.values()),
         }
+        train_by_source: dict[str, list[float]] = {}
+        for v in last.values():
+            for name, u in v.get("train_by_source", {}).items():
+                train_by_source.setdefault(name, []).append(u)
+        seconds = [
+            float(json.loads((r.path / RUN_INFO).read_text()).get("wall_s", 0.0))
+            for r in runs
+            if (r.path / RUN_INFO).exists()
+        ]
         details[strategy] = {
             "runs": len(runs),
             "train_by_source": {k: float(np.mean(v)) for k, v in train_by_source.items()},
             "wall_seconds": float(np.sum(seconds)),
         }
+    for at in AT:
+        cmp = comparisons({s: values[at][s] for s in summary}, sweep.heldout)
+        for strategy, entry in summary.items():
+            target = entry if at == "last" else entry["selected"]
+            target.update(cmp.get(strategy, {}))
+            central = summary.get(CENTRALIZED)
+            if central is not None and strategy != CENTRALIZED:
+                target["ratio_to_centralized"] = ratio_to_centralized(
+                    target, central if at == "last" else central["selected"]
+                )
     return summary, details
 
 
@@ -395,6 +515,88 @@ def _against_fedavg(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+METRIC_LABELS = {
+    "heldout_mean": "held-out mean",
+    "heldout_worst": "held-out worst",
+    "train_mean": "in-distribution mean",
+    "train_worst": "in-distribution worst",
+}
+
+
+def _cell(c: dict[str, Any] | None) -> str:
+    """One paired difference in UAR points: diff [lo, hi] (n), and what the interval says."""
+    if not c:
+        return "-"
+    p = PairedDiff(**c)
+    if p.lo is None or p.hi is None:
+        return f"{100 * p.diff:+.1f} (n={p.n}, too few pairs)"
+    return f"{100 * p.diff:+.1f} [{100 * p.lo:+.1f}, {100 * p.hi:+.1f}] (n={p.n}) {verdict(p)}"
+
+
+def _comparison_lines(summary: dict[str, Any], at: str) -> list[str]:
+    """Tables of paired differences against FedAvg and the pooled baseline, and the ratios."""
+
+    def entry(s: dict[str, Any]) -> dict[str, Any]:
+        return s if at == "last" else s["selected"]
+
+    where = "last round" if at == "last" else "selected round (best.pt)"
+    lines: list[str] = []
+    for key, base in BASELINES.items():
+        rows = [(name, entry(s)[key]) for name, s in summary.items() if key in entry(s)]
+        if not rows:
+            continue
+        lines += [
+            "",
+            f"## Against {base}, {where}: paired difference in UAR points, 95 % CI",
+            "",
+            "Paired t over (seed, held-out source) pairs (held-out worst: over seeds); the "
+            "verdict reads the interval: better / worse when it excludes 0.",
+            "",
+            "| strategy | " + " | ".join(METRIC_LABELS.values()) + " |",
+            "|---" * (len(METRIC_LABELS) + 1) + "|",
+        ]
+        for name, cmp in rows:
+            lines.append(f"| {name} | " + " | ".join(_cell(cmp.get(m)) for m in METRICS) + " |")
+    ratios = [
+        (name, entry(s)["ratio_to_centralized"])
+        for name, s in summary.items()
+        if entry(s).get("ratio_to_centralized")
+    ]
+    if ratios:
+        lines += [
+            "",
+            f"## Federated / centralized, {where}",
+            "",
+            "| strategy | in-distribution mean | held-out mean |",
+            "|---|---|---|",
+        ]
+        for name, r in ratios:
+            cells = ["-" if r[k] is None else f"{r[k]:.2f}" for k in ("train_mean", "heldout_mean")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _selected_lines(summary: dict[str, Any]) -> list[str]:
+    """Last-round against selected-round (best.pt) means, per strategy."""
+    keys = ("mean_heldout_uar", "worst_heldout_uar", "mean_train_uar", "worst_train_uar")
+    lines = [
+        "",
+        "## Last round and selected round (best.pt)",
+        "",
+        "Each run's selected round has the best worst training-source validation UAR; held-out "
+        "sources take no part in the choice. UAR in %, last / selected.",
+        "",
+        "| strategy | mean held-out | worst held-out | mean in-distribution | worst "
+        "in-distribution | selected rounds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        cells = [f"{_pct(s[k])} / {_pct(s['selected'][k])}" for k in keys]
+        rounds = ", ".join(str(r) for r in s["selected"]["rounds"])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rounds} |")
+    return lines
+
+
 def write_report(sweep: Sweep) -> Path:
     """report.md, plots and summary.json in the sweep folder; returns the report's path."""
     from server.report import plot_confusion
@@ -454,6 +656,9 @@ def write_report(sweep: Sweep) -> Path:
             f"{d['wall_seconds']:.0f} |"
         )
     lines += _against_fedavg(summary)
+    lines += _comparison_lines(summary, "last")
+    lines += _selected_lines(summary)
+    lines += _comparison_lines(summary, "selected")
     failed = [r for r in sweep.runs if not r.done]
     if failed:
         lines += ["", "## Runs not finished", ""]

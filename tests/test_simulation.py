@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from server.app import open_run, resolve_resume
+from server.selection import select_round
 from simulations.config import compose
 from simulations.run import simulate
 
@@ -41,8 +42,11 @@ def test_simulation_writes_the_run_folder_contract(tmp_path) -> None:
         assert set(r["heldout"]) == {"phone"}
         assert {"uar", "war"} <= set(r["heldout"]["phone"])
     assert rows[-1]["replied"] == 3 and rows[-1]["rejected"] == []
-    for name in ("config.yaml", "checkpoint.pt", "report.md", "lambda.png", "done"):
+    for name in ("config.yaml", "checkpoint.pt", "report.md", "lambda.png", "done", "best.pt"):
         assert (run.path / name).exists(), name
+    best = json.loads((run.path / "best.json").read_text())
+    assert best["round"] == select_round(rows).round
+    assert torch.load(run.path / "best.pt", weights_only=False)["round"] == best["round"]
     ckpt = torch.load(run.path / "checkpoint.pt", weights_only=False)
     assert ckpt["round"] == 2
     assert set(ckpt["strategy"]["lambda"]) == {0, 1, 2}  # keyed by source index
@@ -50,13 +54,14 @@ def test_simulation_writes_the_run_folder_contract(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path) -> None:
-    """Stop after round 1, resume to round 2: bit-identical to 2 rounds in one go (CPU, det.)."""
-    det = "deterministic=true"
-    full_cfg = _cfg(tmp_path, det, "name=full")
+    """Stop after round 1, resume to round 2: bit-identical to 2 rounds in one go (CPU, det.),
+    server optimiser (FedYogi: moments carried in the checkpoint) included."""
+    det = ("deterministic=true", "server_opt.name=yogi", "server_opt.lr=0.01")
+    full_cfg = _cfg(tmp_path, *det, "name=full")
     full = open_run(full_cfg)
     simulate(full_cfg, full)
 
-    part_cfg = _cfg(tmp_path, det, "name=part", "rounds=1")
+    part_cfg = _cfg(tmp_path, *det, "name=part", "rounds=1")
     part = open_run(part_cfg)
     simulate(part_cfg, part)
     resumed_cfg = resolve_resume(_cfg(tmp_path, f"resume={part.path}", "rounds=2"))
@@ -68,6 +73,14 @@ def test_resume_equals_uninterrupted(tmp_path) -> None:
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["strategy"] == b["strategy"]
+    opt_a, opt_b = a["server_opt"], b["server_opt"]
+    assert (
+        opt_a["steps"] == opt_b["steps"] == 2 and opt_a["m"] and set(opt_a["v"]) == set(opt_b["v"])
+    )
+    for k in opt_a["m"]:
+        np.testing.assert_array_equal(opt_a["m"][k], opt_b["m"][k])
+        np.testing.assert_array_equal(opt_a["v"][k], opt_b["v"][k])
+    assert not any("running" in k or "num_batches" in k for k in opt_a["m"])  # buffers: the mix
     rows_a = [json.loads(x) for x in (full.path / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (part.path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows_b] == [0, 1, 2]

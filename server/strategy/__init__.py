@@ -11,6 +11,7 @@ from server.strategy.dro_math import DRO_MODES, DROSettings
 from server.strategy.feddg_ga import FedDGGA
 from server.strategy.local import LocalOnly
 from server.strategy.qfedavg import QFedAvg
+from server.strategy.server_opt import ServerOptimizer, ServerOptSettings
 
 StrategyBuilder = Callable[..., SourceFedAvg]
 _STRATEGIES: dict[str, StrategyBuilder] = {}
@@ -67,6 +68,12 @@ def _fedprox(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
 @register_strategy("dro")
 def _dro(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
     d = cfg["dro"]
+    if float(d.get("server_lr", 1.0)) != 1.0:  # configs written before server_opt existed
+        raise ValueError(
+            f"strategy.dro.server_lr={d['server_lr']} is now server_opt.lr (with "
+            "server_opt.name=none the new model is old + lr * (mix - old), as before); it "
+            "applies to every strategy"
+        )
     settings = DROSettings(
         eta=float(d["eta"]),
         eps=float(d["eps"]),
@@ -80,7 +87,6 @@ def _dro(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
         settings=settings,
         prior=str(d.get("prior", "uniform")),
         source_sizes=common.get("source_sizes"),
-        server_lr=float(d.get("server_lr", 1.0)),
         sample_by_lambda=d.get("sample_by_lambda"),
         loss=str(d.get("loss", "plain")),
         **_fedavg_kwargs(cfg, common),
@@ -128,6 +134,8 @@ __all__ = [
     "FedDGGA",
     "LocalOnly",
     "QFedAvg",
+    "ServerOptSettings",
+    "ServerOptimizer",
     "SourceFedAvg",
     "build_strategy",
     "list_strategies",

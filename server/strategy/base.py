@@ -4,7 +4,8 @@ Flower identifies nodes by id, and ids change when a site reconnects; sources ar
 class keeps the node -> source map (learned by a query message), trains only nodes of training
 sources, validates replies, and keeps every source's numbers instead of only a weighted mean.
 Subclasses override `aggregate_updates` (how valid updates become the new model) and, if they
-must send something per round, `train_config`.
+must send something per round, `train_config`. Whatever they mix, the optional server optimiser
+(`server_opt`, server/strategy/server_opt.py) then steps from the global model along the mix.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from hdf import contract as K
 from server.arrays import BLOCK, array_view
+from server.strategy.server_opt import ServerOptimizer
 from server.validation import validate_train_replies
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,9 @@ class SourceFedAvg(FedAvg):
         "all" (FedBN, Li et al. 2021: parameters and running statistics), "stats" (SiloBN,
         Andreux et al. 2020: running statistics only, affine parameters shared) or "none". The
         server still mixes every array, so held-out sources are scored with the mixed state.
+    server_opt : ServerOptimizer | None (default: None)
+        Steps from the global model along `mix - global` (FedAvgM, FedAdam, FedYogi, a server
+        lr); None takes the mix as the new model.
 
     The remaining keyword arguments are FedAvg's.
     """
@@ -68,6 +73,7 @@ class SourceFedAvg(FedAvg):
         min_train_replies: int = 1,
         proximal_mu: float = 0.0,
         local_norm: str = "none",
+        server_opt: ServerOptimizer | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         if local_norm not in LOCAL_NORM_MODES:
@@ -84,6 +90,7 @@ class SourceFedAvg(FedAvg):
         self.min_train_replies = min_train_replies
         self.proximal_mu = proximal_mu
         self.local_norm = local_norm
+        self.server_opt = server_opt
         self.node_source: dict[int, int] = {}  # node id -> source index
         self.heldout_nodes: set[int] = set()
         self.current_arrays: ArrayRecord | None = None
@@ -169,6 +176,8 @@ class SourceFedAvg(FedAvg):
             )
             return None, None
         arrays = self.aggregate_updates(server_round, valid)
+        if arrays is not None and self.server_opt is not None and self.current_arrays is not None:
+            arrays = self.server_opt.step(self.current_arrays, arrays)
         return arrays, self.train_summary()
 
     def train_summary(self) -> MetricRecord:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 
 from hdf import contract as K
 from server.strategy.base import SourceFedAvg, weighted_average
@@ -54,8 +54,6 @@ class DRO(SourceFedAvg):
         "uniform", or "size" for proportional to each source's training clips.
     source_sizes : dict[int, int] | None
         Training clips per source (needed for the "size" prior).
-    server_lr : float (default: 1.0)
-        The new model is old + server_lr * (mix - old).
     sample_by_lambda : bool | None (default: None)
         Sample clients by lambda (DRFA); None takes the mode's default (True for ``drfa``).
     loss : str (default: "plain")
@@ -74,7 +72,6 @@ class DRO(SourceFedAvg):
         settings: DROSettings | None = None,
         prior: str = "uniform",
         source_sizes: dict[int, int] | None = None,
-        server_lr: float = 1.0,
         sample_by_lambda: bool | None = None,
         loss: str = "plain",
         **kwargs: Any,
@@ -86,7 +83,6 @@ class DRO(SourceFedAvg):
         self.loss_key = LOSS_KEYS[loss]
         self.mode = mode
         self.settings = settings or DROSettings()
-        self.server_lr = server_lr
         self.sample_by_lambda = (
             spec.sample_by_lambda if sample_by_lambda is None else bool(sample_by_lambda)
         )
@@ -142,9 +138,7 @@ class DRO(SourceFedAvg):
             )
             mixed = mix_by_source(replies, dict(zip(self.train_sources, self.lam, strict=True)))
         self.loss_memory = np.where(mask, reported, self.loss_memory)
-        if self.server_lr == 1.0 or self.current_arrays is None:
-            return mixed
-        return interpolate(self.current_arrays, mixed, self.server_lr)
+        return mixed
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -226,14 +220,3 @@ def make_prior(kind: str, sources: list[int], sizes: dict[int, int] | None) -> n
         p = np.array([float(sizes[s]) for s in sources])
         return p / p.sum()
     raise ValueError(f"unknown prior {kind!r}; use 'uniform' or 'size'")
-
-
-def interpolate(old: ArrayRecord, new: ArrayRecord, lr: float) -> ArrayRecord:
-    """old + lr * (new - old) for floating arrays (a server learning rate); others take new."""
-    out = {}
-    for key in new:
-        o, n = old[key].numpy(), new[key].numpy()
-        if np.issubdtype(n.dtype, np.floating):
-            n = (o + lr * (n.astype(np.float64) - o)).astype(n.dtype)
-        out[key] = Array(np.asarray(n))
-    return ArrayRecord(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,8 @@ from flwr.app import Array, ArrayRecord, Message
 
 from hdf import contract as K
 from server.strategy.base import SourceFedAvg, weighted_average
+
+log = logging.getLogger(__name__)
 
 
 class LocalOnly(SourceFedAvg):
@@ -24,11 +27,17 @@ class LocalOnly(SourceFedAvg):
     model, which is the point of the baseline (what a site gets without federation); the
     per-site models themselves live in the strategy state.
 
+    No shared model is trained, so a server optimiser has nothing to step: `server_opt` is
+    ignored (with a warning).
+
     Takes `SourceFedAvg`'s parameters.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if self.server_opt is not None and not self.server_opt.identity:
+            log.warning("strategy=local trains no shared model: server_opt is ignored")
+        self.server_opt = None
         self.local: dict[int, ArrayRecord] = {}
 
     def arrays_for(self, node: int, arrays: ArrayRecord) -> ArrayRecord:
