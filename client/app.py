@@ -17,6 +17,7 @@ from hdf import contract as K
 from hdf.classes import NUM_CLASSES
 from hdf.evaluate import evaluate as evaluate_model
 from hdf.models.hdf_net import norm_state_keys
+from hdf.seeding import round_seed
 from hdf.train import loss_on_sample, train_local
 
 app = ClientApp()
@@ -39,11 +40,6 @@ def save_local_norm(model: torch.nn.Module, context: Context) -> None:
     keys = set(norm_state_keys(model))
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keys}
     context.state[K.FEDBN_STATE] = ArrayRecord(state)
-
-
-def round_seed(seed: int, server_round: int, source_index: int) -> int:
-    """Seed of one client's local training in one round: reproducible and resumable."""
-    return (seed * 1_000_003 + server_round * 1009 + source_index) % (2**31)
 
 
 @app.train()
