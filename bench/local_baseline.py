@@ -51,8 +51,8 @@ def _init(cfg_yaml: str) -> None:
 def _job(args: tuple[int, int, bool]) -> float:
     import torch
 
-    from client.app import round_seed
     from hdf.evaluate import evaluate
+    from hdf.seeding import round_seed
     from hdf.train import loss_on_sample, train_local
 
     server_round, pos, with_eval = args

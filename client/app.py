@@ -25,6 +25,7 @@ from hdf.classes import NUM_CLASSES
 from hdf.evaluate import evaluate as evaluate_model
 from hdf.models.hdf_net import NORM_PARTS, norm_state_keys
 from hdf.optim.base import OptimizerStateError
+from hdf.seeding import round_seed
 from hdf.train import loss_on_sample, train_local
 
 app = ClientApp()
@@ -58,16 +59,11 @@ def save_local_norm(model: torch.nn.Module, context: Context, part: str = "all")
 
     FedBN keeps parameters and statistics; SiloBN only the running statistics, which every
     site's local training already normalised its batches with: scoring with the averaged
-    statistics instead is what costs the odd sources most (research/probes.md).
+    statistics instead is what costs the odd sources most (measured: README, Results).
     """
     keys = set(norm_state_keys(model, part))
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keys}
     context.state[K.LOCAL_NORM_STATE] = ArrayRecord(state)
-
-
-def round_seed(seed: int, server_round: int, source_index: int) -> int:
-    """Seed of one client's local training in one round: reproducible and resumable."""
-    return (seed * 1_000_003 + server_round * 1009 + source_index) % (2**31)
 
 
 @app.train()

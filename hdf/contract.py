@@ -1,4 +1,4 @@
-"""Record keys of the client/server message contract (DESIGN.md section 3), defined once.
+"""Record keys of the client/server message contract (docs/design.md §3), defined once.
 
 `client/` and `server/` both import these names and nothing else from each other. Keys are
 kebab-case, as in Flower. MetricRecord values are numbers only: sources travel as indices.

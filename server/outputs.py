@@ -1,4 +1,4 @@
-"""The run folder (DESIGN.md section 3, Outputs): config, metrics.jsonl, checkpoint, done marker.
+"""The run folder (docs/design.md §3, Outputs): config, metrics.jsonl, checkpoint, done marker.
 
 The checkpoint is written to a temporary file and renamed, so a crash mid-write leaves the previous
 checkpoint intact, and holds everything a resume needs: model, strategy state, round, RNG states.

@@ -25,6 +25,7 @@ from hdf.data import ConcatClipDataset, Source, build_sources, split_sources
 from hdf.device import resolve_device, seed_everything
 from hdf.evaluate import evaluate, summarize
 from hdf.models import HDFNet, build_model
+from hdf.seeding import round_seed
 from hdf.train import train_local
 from server.federation import lr_of_round
 from server.outputs import RunFolder
@@ -85,7 +86,7 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
                 device,
                 epochs=int(cfg.train.local_epochs),
                 lr=lr_of_round(cfg, r),
-                seed=int(cfg.seed) * 1_000_003 + r,
+                seed=round_seed(int(cfg.seed), r),
                 optimizer_state=optimizer_state,
             )
             optimizer_state = stats.get("optimizer_state")

@@ -36,7 +36,7 @@ def train_reply(
     num_examples: int = 10,
     train_loss: float = 1.0,
 ) -> Message:
-    """A client's train reply as the contract says (DESIGN.md section 3)."""
+    """A client's train reply as the contract says (docs/design.md §3)."""
     metrics = MetricRecord(
         {
             K.NUM_EXAMPLES: num_examples,

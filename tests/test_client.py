@@ -31,14 +31,23 @@ def _context(node_config):
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
 
+# The synthetic sources in config order are studio 0, webcam 1, movie 2, phone 3, cctv 4,
+# night_ir 5; `phone` is held out, so the training partitions 0..4 serve sources 0, 1, 2, 4, 5.
+PARTITION_SOURCE = {0: 0, 3: 4}
+HELDOUT_SOURCE = ("phone", 3)
+
+
 def test_train_reply_passes_flower_consistency_check(cfg) -> None:
+    """Replies follow Flower's contract and name the source of their partition (not its id)."""
     msg, model = _message(cfg, MessageType.TRAIN)
     replies = [
-        app(msg, _context({"partition-id": pid, "num-partitions": 2})).content for pid in (0, 1)
+        app(msg, _context({"partition-id": pid, "num-partitions": 5})).content
+        for pid in PARTITION_SOURCE
     ]
     validate_message_reply_consistency(replies, K.NUM_EXAMPLES, check_arrayrecord=True)
+    got = [reply[K.METRICS][K.SOURCE_INDEX] for reply in replies]
+    assert got == list(PARTITION_SOURCE.values())
     metrics = replies[0][K.METRICS]
-    assert metrics[K.SOURCE_INDEX] != replies[1][K.METRICS][K.SOURCE_INDEX]
     for key in (K.LOSS_BEFORE, K.TRAIN_LOSS, K.TRAIN_UAR, K.TRAIN_WAR):
         assert np.isfinite(metrics[key])
     assert metrics[K.LOSS_BEFORE] > 0
@@ -66,9 +75,18 @@ def test_local_val_loss_is_the_trained_model_on_its_val_split(cfg) -> None:
     assert local != pytest.approx(reply[K.METRICS][K.TRAIN_LOSS], rel=1e-3)
 
 
-def test_evaluate_reply_reports_source_and_recall(cfg) -> None:
+@pytest.mark.parametrize(
+    ("node", "source"),
+    [
+        ({"partition-id": 3, "num-partitions": 5}, PARTITION_SOURCE[3]),
+        ({"source": HELDOUT_SOURCE[0]}, HELDOUT_SOURCE[1]),
+    ],
+)
+def test_evaluate_reply_reports_source_and_recall(cfg, node, source) -> None:
+    """A training partition and a held-out site (named in its node config) report their index."""
     msg, _ = _message(cfg, MessageType.EVALUATE)
-    reply = app(msg, _context({"partition-id": 0, "num-partitions": 2})).content[K.METRICS]
+    reply = app(msg, _context(node)).content[K.METRICS]
+    assert reply[K.SOURCE_INDEX] == source
     assert 0 <= reply[K.UAR] <= 1 and 0 <= reply[K.WAR] <= 1
     assert all(f"{K.RECALL_PREFIX}{c}" in reply for c in range(7))
 

@@ -1,13 +1,154 @@
-"""DAM and its DCT bank: orthonormality, shapes for any C, T, H, W, gradients, identity when off."""
+"""DAM and its DCT bank: an independent reference, orthonormality, shapes, gradients, switches."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from hdf.models.dam import DAM
+from hdf.models.dam import DAM, conv_to_one_channel
 from hdf.models.dct import dct_bank
+
+# The released initial values (docs/hdf_method.md, DAM table), written out here so that a changed
+# initialisation in dam.py fails the reference test instead of being read back from the module.
+RELEASED_INIT = {
+    "temporal.robust.gamma": 1.0,
+    "temporal.robust.delta": 0.0,
+    "temporal.robust.alpha": 0.5,
+    "temporal.robust.beta": 0.5,
+    "frequency.noise_scale": 1.0,
+    "frequency.dev_scale": 0.0,
+    "frequency.alpha": 0.5,
+    "frequency.beta": 0.5,
+    "frequency.fit.alpha": 0.5,
+    "frequency.fit.weight": 1.0,
+    "frequency.fit.bias": 0.0,
+    "w_t": 0.8,
+    "w_s": 0.3,
+}
+WASSERSTEIN_REG = 0.05  # the released DROAdversarialBranch's constant
+EPS = 1e-6  # the released AdaptiveDynamicTanh's eps
+
+
+def _dct_by_loops(n: int = 7) -> torch.Tensor:
+    """B_k(i, j) = c(u) c(v) cos(pi (2i+1) v / 2n) cos(pi (2j+1) u / 2n), k = n u + v, by loops."""
+    bank = torch.empty(n * n, n, n, dtype=torch.float64)
+    for u in range(n):
+        for v in range(n):
+            cu = math.sqrt((1 if u == 0 else 2) / n)
+            cv = math.sqrt((1 if v == 0 else 2) / n)
+            for i in range(n):
+                for j in range(n):
+                    bank[n * u + v, i, j] = (
+                        cu
+                        * cv
+                        * math.cos(math.pi * (2 * i + 1) * v / (2 * n))
+                        * math.cos(math.pi * (2 * j + 1) * u / (2 * n))
+                    )
+    return bank
+
+
+def _reference_dam(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """DAM written from docs/hdf_method.md with plain ops (B x C x T x H x W, float64).
+
+    The released module with our documented departures: channels pooled into G = min(C, T)
+    groups by adaptive pooling, the temporal difference along time, the DCT of the channel mean
+    by a real Conv2d, the attention softmax over the keys, FreConv a real Conv2d.
+    """
+    b, c, t = x.shape[:3]
+    out = {}
+    if "temporal.fc_t.weight" in p:
+        groups = min(c, t)
+        # adaptive avg / max pooling of (C, H, W) into (G, 1, 1) per frame, as the release does
+        frames = x.transpose(1, 2)  # B x T x C x H x W
+        a = F.adaptive_avg_pool3d(frames, (groups, 1, 1)).reshape(b, t, groups)
+        m = F.adaptive_max_pool3d(frames, (groups, 1, 1)).reshape(b, t, groups)
+        wd = (a - a.mean(dim=2, keepdim=True)).norm(dim=2, keepdim=True)
+        d = torch.zeros_like(a)
+        d[:, 1:] = (a[:, 1:] - a[:, :-1]).abs()
+        fused = p["temporal.robust.alpha"] * a + p["temporal.robust.beta"] * m
+        gate = torch.sigmoid(
+            p["temporal.robust.gamma"] * fused + p["temporal.robust.delta"] * wd - d
+        )
+        q_in = F.linear(gate.transpose(1, 2), p["temporal.fc_t.weight"]).transpose(1, 2)
+        q = F.linear(q_in, p["temporal.q.weight"], p["temporal.q.bias"])
+        k = F.linear(q_in, p["temporal.k.weight"], p["temporal.k.bias"])
+        v = F.linear(q_in, p["temporal.v.weight"], p["temporal.v.bias"])
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(groups), dim=2)  # over keys
+        g_t = torch.sigmoid((attn @ v).mean(dim=2))  # B x T
+        out["t"] = x * g_t[:, None, :, None, None] + x
+    if "frequency.noise" in p:
+        bank = _dct_by_loops().float().to(x.dtype)  # the module's buffer is built in float32
+        xbar = x.mean(dim=2).mean(dim=1, keepdim=True)  # mean over T, then over C: B x 1 x H x W
+        dct = F.conv2d(xbar, bank[:, None], padding=3)  # B x 49 x H x W
+        wf = (dct - dct.mean(dim=(2, 3), keepdim=True)).flatten(2).norm(dim=2)[..., None, None]
+        noise = (p["frequency.noise"] * p["frequency.noise_scale"])[..., None]
+        dev_scale = p["frequency.dev_scale"][..., None]
+        delta = noise * dct.sign() + WASSERSTEIN_REG * dev_scale * wf * dct.sign()
+        z = (p["frequency.alpha"] * dct + p["frequency.beta"] * (dct + delta)) / 2
+        sigma = torch.sqrt(z.var(dim=1, keepdim=True) + EPS)  # unbiased, over the 49 channels
+        z = torch.tanh(p["frequency.fit.alpha"] / (sigma + EPS) * z)
+        z = z * p["frequency.fit.weight"][..., None] + p["frequency.fit.bias"][..., None]
+        fmap = F.conv2d(z, p["frequency.attn.weight"], padding=3)  # B x 1 x H x W
+        out["s"] = x * torch.sigmoid(fmap)[:, :, None] + x
+    if len(out) == 2:
+        return (p["w_t"] * out["t"] + p["w_s"] * out["s"]) / 2
+    return next(iter(out.values()))
+
+
+def _params(dam: DAM, *, released_init: bool) -> dict[str, torch.Tensor]:
+    """The module's parameters, with the constant-initialised ones replaced by RELEASED_INIT.
+
+    The values pass through float32, as the module's own do (it is built in float32, then cast).
+    """
+    params = {name: q.detach() for name, q in dam.named_parameters()}
+    if released_init:
+        for name in params.keys() & RELEASED_INIT.keys():
+            value = torch.tensor(RELEASED_INIT[name], dtype=torch.float32).item()
+            params[name] = torch.full_like(params[name], value)
+    return params
+
+
+DAM_SHAPES = [
+    (12, 4, 6, 5),  # C a multiple of G = T: pooling by reshape
+    (10, 4, 7, 7),  # C not a multiple of G: adaptive pooling
+    (3, 5, 4, 9),  # C < T: G = C, one channel per group
+]
+
+
+@pytest.mark.parametrize(("c", "t", "h", "w"), DAM_SHAPES)
+@pytest.mark.parametrize(("temporal", "frequency"), [(True, True), (True, False), (False, True)])
+def test_dam_matches_an_independent_reference(
+    c: int, t: int, h: int, w: int, temporal: bool, frequency: bool
+) -> None:
+    """DAM at its initialisation equals the reference with the released initial values; then,
+    with every parameter randomised (so the Wasserstein terms and all gates are live), equals the
+    reference with the module's own parameters (float64)."""
+    torch.manual_seed(0)
+    dam = DAM(c, t, temporal=temporal, frequency=frequency).double()
+    x = torch.randn(2, c, t, h, w, dtype=torch.float64)
+    torch.testing.assert_close(
+        dam(x), _reference_dam(x, _params(dam, released_init=True)), rtol=1e-10, atol=1e-10
+    )
+    with torch.no_grad():
+        for q in dam.parameters():
+            q.copy_(torch.randn_like(q) * 0.5)
+    torch.testing.assert_close(
+        dam(x), _reference_dam(x, _params(dam, released_init=False)), rtol=1e-10, atol=1e-10
+    )
+
+
+@pytest.mark.parametrize(("h", "w"), [(7, 7), (5, 9), (12, 3), (1, 1)])
+def test_fold_conv_equals_conv2d(h: int, w: int) -> None:
+    """FreConv computed as one matmul and fold is the Conv2d(49 -> 1, 7x7, pad 3) it replaces."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(49, 1, 7, padding=3, bias=False).double()
+    z = torch.randn(3, 49, h, w, dtype=torch.float64)
+    got = conv_to_one_channel(z.flatten(2), conv.weight, (h, w))
+    torch.testing.assert_close(got, conv(z), rtol=0, atol=1e-14)
 
 
 def test_dct_bank_is_orthonormal() -> None:
@@ -122,9 +263,26 @@ def test_dam_bf16_autocast_cpu() -> None:
 
 
 def test_dam_in_a_sequential_trains() -> None:
-    """A conv + DAM stack takes an optimizer step without error (smoke)."""
+    """A conv + DAM stack learns to imitate another one: every parameter moves and the loss falls.
+
+    The gate is the only way DAM's own parameters affect the output, so a DAM that cut its gate
+    from the graph (or a stack whose gradient stopped at DAM) would leave them where they started.
+    """
     torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), DAM(8, 4))
     net = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), DAM(8, 4))
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    net(torch.randn(2, 3, 4, 8, 8)).square().mean().backward()
-    opt.step()
+    x = torch.randn(4, 3, 4, 8, 8)
+    with torch.no_grad():
+        target = teacher(x)
+    start = {name: q.detach().clone() for name, q in net.named_parameters()}
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = (net(x) - target).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    for name, q in net.named_parameters():
+        assert not torch.equal(q.detach(), start[name]), name
+    assert losses[-1] < 0.1 * losses[0]

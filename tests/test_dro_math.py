@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from hdf.seeding import round_seed
 from server.strategy.dro_math import (
     DRO_MODES,
     DROSettings,
@@ -13,7 +14,6 @@ from server.strategy.dro_math import (
     project_capped_simplex,
     project_capped_simplex_euclid,
     qffl_weights,
-    round_seed,
     sample_by_weight,
     update_lambda,
 )

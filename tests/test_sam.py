@@ -36,6 +36,26 @@ def test_first_step_returns_grad_norm_and_perturbs_by_rho() -> None:
     assert moved == pytest.approx(0.05, rel=1e-4)
 
 
+def test_first_step_moves_along_the_gradient_uphill() -> None:
+    """The perturbation is +rho * grad / ||grad|| element by element (ascent, not descent).
+
+    SAM evaluates the second gradient at the worst nearby weights, so e points along the gradient
+    and the loss at w + e is higher than at w; a flipped sign would make SAM a plain lookahead.
+    """
+    model = _model()
+    x = torch.randn(5, 3)
+    sam = SAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    loss_before = model(x).square().sum()
+    loss_before.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    g = sam.first_step()
+    for p, b, gr in zip(model.parameters(), before, grads, strict=True):
+        torch.testing.assert_close(p.detach() - b, 0.05 * gr / g, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        assert model(x).square().sum() > loss_before
+
+
 def test_two_passes_restore_weights_exactly_then_step() -> None:
     """The weights are restored bit-exactly, then stepped with the second-pass gradients."""
     model = _model()

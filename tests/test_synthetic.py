@@ -1,4 +1,4 @@
-"""The synthetic benchmark: deterministic, cached, sources that differ (DESIGN.md section 5)."""
+"""The synthetic benchmark: deterministic, cached, sources that differ (docs/design.md §5)."""
 
 from __future__ import annotations
 

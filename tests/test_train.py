@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from hdf.data.source import TensorClipDataset
+from hdf.losses.dsm import DSMLoss
+from hdf.optim.sam import SAM
 from hdf.train import augment_batch, build_loss, loss_on_sample, train_local
 
 
@@ -81,6 +83,59 @@ def test_sam_runs_two_forward_passes_per_step(enabled: bool, passes: int) -> Non
     model = StandIn()
     stats = train_local(model, _dataset(), _cfg(enabled=enabled), CPU, epochs=1, lr=1e-3, seed=0)
     assert model.calls == passes * stats["steps"]
+
+
+@pytest.mark.parametrize("sam_on", [True, False])
+def test_dsm_balance_follows_sams_first_pass_g(
+    monkeypatch: pytest.MonkeyPatch, sam_on: bool
+) -> None:
+    """Each step's g (the first-pass gradient norm SAM measures) sets DSM's balance.
+
+    SAM on: first pass (previous step's g, or g = 1 before any), first_step -> g, then the second
+    pass, whose gradient is the one applied, gets this g: lambda_CE = alpha g / (g + 1),
+    lambda_SC = beta / (g + 1). SAM off: g is remembered for the next step's single pass.
+    """
+    events: list[tuple] = []
+    dsm_forward, sam_first_step = DSMLoss.forward, SAM.first_step
+
+    def recorded_forward(
+        self: DSMLoss,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        grad_norm: float | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, parts = dsm_forward(self, logits, features, labels, grad_norm)
+        events.append(("loss", grad_norm, parts["lambda_ce"], parts["lambda_sc"]))
+        return loss, parts
+
+    def recorded_first_step(self: SAM, grad_scale: float = 1.0) -> float:
+        g = sam_first_step(self, grad_scale)
+        events.append(("g", g))
+        return g
+
+    monkeypatch.setattr(DSMLoss, "forward", recorded_forward)
+    monkeypatch.setattr(SAM, "first_step", recorded_first_step)
+    cfg = _cfg(enabled=sam_on)  # dsm alpha = 1, beta = 0.5, balance on
+    stats = train_local(StandIn(), _dataset(), cfg, CPU, epochs=1, lr=1e-2, seed=0)
+
+    def balance(g: float) -> tuple[float, float]:
+        return pytest.approx((1.0 * g / (g + 1), 0.5 / (g + 1)))
+
+    per_step = 3 if sam_on else 2
+    assert stats["steps"] == 3 and len(events) == per_step * 3
+    previous_g = 1.0
+    gs = []
+    for step in range(3):
+        first, (kind, g), *second = events[per_step * step : per_step * (step + 1)]
+        assert kind == "g" and first[0] == "loss" and first[1] is None
+        assert first[2:] == balance(previous_g)
+        if sam_on:
+            kind, second_g, *lambdas = second[0]
+            assert kind == "loss" and second_g == g and tuple(lambdas) == balance(g)
+        previous_g = g
+        gs.append(g)
+    assert stats["grad_norm"] == pytest.approx(np.mean(gs))
 
 
 def test_train_local_is_deterministic_for_a_seed() -> None:

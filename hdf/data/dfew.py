@@ -1,4 +1,4 @@
-"""DFEW in its official layout, registered as dataset ``dfew`` (research/paper.md section 7.1).
+"""DFEW in its official layout, registered as dataset ``dfew`` (docs/datasets.md).
 
     <root>/Clip/clip_224x224/00001/00001_00001.jpg ...  (or Clip/clip_224x224_16f/: key variant)
     <root>/EmoLabel_DataSplit/train(single-labeled)/set_1.csv ... set_5.csv

@@ -1,4 +1,4 @@
-"""FERV39k in its official layout, registered as dataset ``ferv39k`` (research/paper.md 7.2).
+"""FERV39k in its official layout, registered as dataset ``ferv39k`` (docs/datasets.md).
 
     <root>/2_ClipsforFaceCrop/<Scene>/<Emotion>/<id>/*.jpg   (face-cropped frames)
     <root>/4_setups/All_scenes/train_All.csv, test_All.csv    (no header, space separated lines

@@ -2,7 +2,7 @@
 
 Every reader returns uint8 T x 3 x size x size (the clip contract) and raises `ClipReadError`,
 never a library-specific exception, when a frame or a video cannot be decoded, so the dataset can
-skip the clip, count it and report its path (DESIGN.md section 6).
+skip the clip, count it and report its path (docs/design.md §6).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Several datasets at once, registered as dataset ``multi`` (cross-dataset shift, DESIGN.md 3).
+"""Several datasets, registered as dataset ``multi`` (cross-dataset shift, docs/design.md §3).
 
 `datasets` is a list of data configs (each with its own `name`, e.g. dfew, ferv39k, manifest) or a
 mapping alias -> data config (easier to override from the command line:

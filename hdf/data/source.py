@@ -1,4 +1,4 @@
-"""Sources: named, indexed sets of labelled clips with train/val/test splits (DESIGN.md section 3).
+"""Sources: named, indexed sets of labelled clips with train/val/test splits (docs/design.md §3).
 
 A clip is a uint8 tensor T x C x H x W, a label in 0..6 (`hdf.classes.EMOTIONS` order) and the
 index of its source. Datasets are registered by name; `build_sources` turns a data config into the

@@ -1,4 +1,4 @@
-"""Losses: DSM, the Distribution-aware Scaling Module of HDF (paper Sec. 4)."""
+"""Losses: DSM, the Distribution-aware Scaling Module of HDF (docs/hdf_method.md)."""
 
 from hdf.losses.dsm import DSMLoss, ib_trace, weighted_supcon
 

@@ -1,9 +1,9 @@
-"""DSM, the Distribution-aware Scaling Module: the HDF loss (paper Sec. 4; docs/hdf_method.md).
+"""DSM, the Distribution-aware Scaling Module: the HDF loss (docs/hdf_method.md).
 
 total = lambda_CE * CE + lambda_SC * (L_D-SC + ib_weight * Tr(Cov(Z))), with
 lambda_CE = alpha * g / (g + 1) and lambda_SC = beta / (g + 1), g the gradient norm.
 
-Departures from the released `models/DSM.py` and trainer (research/paper.md Sec. 4.3), all as the
+Departures from the released `models/DSM.py` and trainer (docs/hdf_method.md §R4), all as the
 paper's figure states them: the positive mask is defined (same label, diagonal removed); the
 Gaussian weights act on cosine similarity and sit in the denominator over a != i; Tr(Cov(Z)) is
 *added* (compression), not subtracted; the lambdas follow g instead of the fixed 10 / 0.1.
@@ -21,7 +21,7 @@ from torch import nn
 def weighted_supcon(
     features: torch.Tensor, labels: torch.Tensor, tau: float, eta: float
 ) -> torch.Tensor:
-    """Distributionally robust supervised contrastive loss L_D-SC (paper Sec. 4.1, Fig. (c)).
+    """Distributionally robust supervised contrastive loss L_D-SC (§R4, the figure's panel (c)).
 
     L(i) = -1/|P(i)| sum_{p in P(i)} log[exp(s_ip / tau) / sum_{a != i} w_ia exp(s_ia / tau)],
     s the cosine similarity, w_ia = exp(-(s_ia - eta)^2 / (2 eta^2)), averaged over the anchors
@@ -47,13 +47,13 @@ def weighted_supcon(
 
 
 def ib_trace(features: torch.Tensor) -> torch.Tensor:
-    """Information-bottleneck term Tr(Cov(Z)) = mean_i ||z_i - zbar||^2 (paper Sec. 4.1)."""
+    """Information-bottleneck term Tr(Cov(Z)) = mean_i ||z_i - zbar||^2 (§R4)."""
     z = features.float()
     return (z - z.mean(dim=0, keepdim=True)).square().sum(dim=1).mean()
 
 
 class DSMLoss(nn.Module):
-    """CE with label smoothing + lambda-balanced D-SC and IB terms (paper Sec. 4.1, Fig. (c)).
+    """CE with label smoothing + lambda-balanced D-SC and IB terms (§R4, the figure's panel (c)).
 
     Each term can be switched off (``supcon``, ``ib``, ``balance``); with all three off the loss
     is ``alpha`` * cross-entropy with label smoothing (alpha = 1 gives the plain baseline).
@@ -102,7 +102,7 @@ class DSMLoss(nn.Module):
             self.last_grad_norm = float(grad_norm)
 
     def weights(self, grad_norm: float | None = None) -> tuple[float, float]:
-        """(lambda_CE, lambda_SC) for gradient norm g (paper Sec. 4.1, gradient-driven scaling)."""
+        """(lambda_CE, lambda_SC) for gradient norm g (§R4, gradient-driven scaling)."""
         if not self.balance:
             return self.alpha, self.beta
         g = grad_norm if grad_norm is not None else self.last_grad_norm

@@ -1,6 +1,6 @@
-"""DAM, the Time-Frequency Distributional Attention Module (paper Sec. 3; docs/hdf_method.md).
+"""DAM, the Time-Frequency Distributional Attention Module (docs/hdf_method.md).
 
-Departures from the released `models/DAM.py` (research/paper.md Sec. 3.2), each explained where
+Departures from the released `models/DAM.py` (docs/hdf_method.md §R3), each explained where
 it happens and collected in docs/hdf_method.md:
 - the layout is the backbone's own B x C x T x H x W (the released code is time-first, from SNNs);
 - channels are pooled into G = min(C, T) groups with T and G decoupled, so any C and T work (the
@@ -20,7 +20,7 @@ from torch import nn
 
 from hdf.models.dct import DCT_NUM, DCT_SIZE, dct_bank
 
-# The released DROAdversarialBranch's constant weight of its Wasserstein term (paper Sec. 3.2).
+# The released DROAdversarialBranch's constant weight of its Wasserstein term (§R3).
 _FREQ_WASSERSTEIN_REG = 0.05
 
 
@@ -85,7 +85,7 @@ class RobustTemporalFusion(nn.Module):
         self.beta = nn.Parameter(torch.tensor(0.5))
 
     def forward(self, avg: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
-        """avg, mx: B x T x G descriptors -> B x T x G map (paper Sec. 3.2, temporal branch)."""
+        """avg, mx: B x T x G descriptors -> B x T x G map (§R3, temporal branch)."""
         dev = (avg - avg.mean(dim=2, keepdim=True)).norm(dim=2, keepdim=True)  # B x T x 1
         fused = self.alpha * avg + self.beta * mx
         # Fix: the released code differences along the pooled-channel axis (dim 2); the paper's
@@ -140,7 +140,7 @@ class TemporalBranch(nn.Module):
 
 
 class AdaptiveDynamicTanh(nn.Module):
-    """Data-adaptive dynamic tanh over the frequency channels ("Fitting", paper Sec. 3.2)."""
+    """Data-adaptive dynamic tanh over the frequency channels ("Fitting", §R3)."""
 
     def __init__(self, channels: int, init_alpha: float = 0.5, eps: float = 1e-6) -> None:
         super().__init__()
@@ -158,6 +158,20 @@ class AdaptiveDynamicTanh(nn.Module):
         return torch.addcmul(
             self.bias, torch.tanh(self.alpha / (sigma + self.eps) * z), self.weight
         )
+
+
+def conv_to_one_channel(
+    z: torch.Tensor, weight: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """``F.conv2d(z, weight, padding=k // 2)`` for one output channel, z given as B x K x (H W).
+
+    One matmul to the k x k kernel offsets, then ``fold`` adds each offset's contribution where it
+    lands: the same function as the conv (FreConv, 49 -> 1, 7x7, pad 3), about 3x faster than a
+    1-output-channel conv on CPU. weight: 1 x K x k x k (odd k); returns B x 1 x H x W.
+    """
+    k = weight.shape[-1]
+    per_offset = weight.reshape(weight.shape[1], k * k).flip(1).t()  # (k k) x K
+    return F.fold(per_offset.to(z.dtype) @ z, size, k, padding=k // 2)
 
 
 class FrequencyBranch(nn.Module):
@@ -189,15 +203,12 @@ class FrequencyBranch(nn.Module):
         # (alpha Dct + beta (Dct + delta sign(Dct))) / 2, written with one fused multiply-add.
         z = torch.addcmul((self.alpha + self.beta) / 2 * dct, self.beta / 2 * delta, dct.sign())
         z = self.fit(z)
-        # FreConv (49 -> 1, 7x7, pad 3) as one matmul to the 49 kernel offsets, then fold: the
-        # same function as self.attn(z), about 3x faster than a 1-output-channel conv on CPU.
-        weight = self.attn.weight.reshape(DCT_NUM, DCT_SIZE * DCT_SIZE).flip(1).t()
-        fmap = F.fold(weight.to(z.dtype) @ z, (h, w), DCT_SIZE, padding=pad)  # B x 1 x H x W
+        fmap = conv_to_one_channel(z, self.attn.weight, (h, w))  # FreConv: B x 1 x H x W
         return torch.sigmoid(fmap).unsqueeze(2)
 
 
 class DAM(nn.Module):
-    """Time-Frequency Distributional Attention Module on B x C x T x H x W (paper Sec. 3, Fig. (b)).
+    """Time-Frequency Distributional Attention Module on B x C x T x H x W (§R3, figure panel (b)).
 
     Y = (w_t (X + X g_t) + w_s (X + X g_s)) / 2 with learnable w_t = 0.8, w_s = 0.3 (released
     init). With one branch off the module returns that branch's residual output alone; with both

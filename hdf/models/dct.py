@@ -1,4 +1,4 @@
-"""The 49 orthonormal 7x7 DCT-II bases of DAM's frequency branch (paper Sec. 3.2, `DCT7x7`)."""
+"""The 49 orthonormal 7x7 DCT-II bases of DAM's frequency branch (docs/hdf_method.md §R3)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ DCT_NUM = DCT_SIZE * DCT_SIZE
 
 
 def dct_bank(size: int = DCT_SIZE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The size^2 x size x size orthonormal 2-D DCT-II bases, k = size*u + v (paper Sec. 3.2).
+    """The size^2 x size x size orthonormal 2-D DCT-II bases, k = size*u + v (§R3).
 
     B_k(i, j) = c(u) c(v) cos(pi (2i+1) v / 2n) cos(pi (2j+1) u / 2n), c(0) = sqrt(1/n),
     c(>0) = sqrt(2/n): the `DCT7x7` filter of FSTA-SNN that the released HDF code imports but
-    does not ship (research/paper.md Sec. 3.2), here built on any device from a formula.
+    does not ship (docs/hdf_method.md §R3), here built on any device from a formula.
     """
     n = int(size)
     if n < 1:

@@ -50,7 +50,7 @@ def _channels_last_3d(module: nn.Module) -> None:
 
 
 class HDFNet(nn.Module):
-    """Backbone stem, stages each followed by a DAM (paper Sec. 2, Fig. (a)), average pool, FC head.
+    """Backbone stem, stages each followed by a DAM (docs/hdf_method.md §R3), average pool, FC head.
 
     Args:
         backbone: a registered backbone (``stem``, stages, ``stage_channels``, ``mean``, ``std``).
@@ -250,7 +250,7 @@ def build_model(model_cfg: Any, num_frames: int, size: int, num_classes: int = 7
         size: input height and width.
         num_classes: number of classes of the head.
 
-    Reference: HDF (Cui et al., ACM MM 2025), Sec. 2 of ``research/paper.md``: DAM after each stage.
+    Reference: HDF (Cui et al., ACM MM 2025), ``docs/hdf_method.md`` §R3: DAM after each stage.
     """
     name = cfg_get(model_cfg, "backbone")
     if not name:

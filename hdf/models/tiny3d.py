@@ -86,8 +86,8 @@ def tiny3d(
     """Tiny3D, the fast CPU default (not in the paper).
 
     A stride-2 stem and four residual (2+1)D stages (widths w, 2w, 4w, 8w), each halving H and W and
-    keeping T, so every DAM sees the full clip length as in the paper's X3D layout (Sec. 2 of
-    ``research/paper.md``). At w=16 it has about 0.4 M parameters.
+    keeping T, so every DAM sees the full clip length as in the paper's X3D layout
+    (``docs/hdf_method.md`` §R3). At w=16 it has about 0.4 M parameters.
 
     Args:
         width: channels of the first stage (w).

@@ -124,7 +124,7 @@ def x3d_s(
 
     Stage widths w, 2w, 4w, 8w (24, 48, 96, 192 at w=24), depths 3, 5, 11, 7, bottleneck expansion
     2.25, depthwise 3x3x3 convs, SE on every other block, Swish; T is kept at every stage, so each
-    DAM sees the whole clip (paper Sec. 2 of ``research/paper.md``). The features are the conv5
+    DAM sees the whole clip (``docs/hdf_method.md`` §R3). The features are the conv5
     output (2.25 x 8w = 432-d), pooled; X3D's extra 2048-d pre-logit layer is left out, since
     HDFNet's head is one linear layer. Key names differ from pytorchvideo's, so its pretrained
     files need converting before use as ``model.weights``.

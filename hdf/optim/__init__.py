@@ -1,4 +1,4 @@
-"""Optimisation: SAM around a base optimizer and the warm-up + cosine schedule (paper Sec. 5)."""
+"""SAM around a base optimizer and the warm-up + cosine schedule (docs/hdf_method.md §R5)."""
 
 from hdf.optim.sam import SAM
 from hdf.optim.schedule import cosine_with_warmup

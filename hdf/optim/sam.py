@@ -1,4 +1,4 @@
-"""SAM, sharpness-aware minimisation around a base optimizer, as HDF trains (paper Sec. 5).
+"""SAM, sharpness-aware minimisation around a base optimizer, as in HDF (docs/hdf_method.md §R5).
 
 Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization", ICLR 2021.
 The released HDF trainer uses a non-adaptive SAM around AdamW with rho = 0.05 and stores the

@@ -1,4 +1,4 @@
-"""Learning-rate schedules: linear warm-up then cosine decay to a floor (paper Sec. 5).
+"""Learning-rate schedules: linear warm-up then cosine decay to a floor (docs/hdf_method.md §R5).
 
 `warmup_cosine_factor` is the shape; `cosine_with_warmup` applies it per step inside one call of
 the training loop, and `round_lr` across federated rounds (the server sends each round's lr).

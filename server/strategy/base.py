@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from hdf import contract as K
+from hdf.seeding import round_seed
 from server.arrays import BLOCK, array_view
 from server.strategy.server_opt import ServerOptimizer
 from server.validation import validate_train_replies
@@ -116,7 +117,7 @@ class SourceFedAvg(FedAvg):
     def sample_training_nodes(self, server_round: int, nodes: list[int]) -> list[int]:
         """Uniform sample of `fraction_train` of the training nodes (seeded per round)."""
         k = max(int(len(nodes) * self.fraction_train), min(self.min_train_nodes, len(nodes)))
-        rng = random.Random(self.seed * 7919 + server_round)
+        rng = random.Random(round_seed(self.seed, server_round))
         return sorted(rng.sample(nodes, k))
 
     # ---- hooks subclasses extend ------------------------------------------------------------

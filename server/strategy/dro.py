@@ -15,11 +15,11 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from hdf import contract as K
+from hdf.seeding import round_seed
 from server.strategy.base import SourceFedAvg, weighted_average
 from server.strategy.dro_math import (
     DROSettings,
     get_mode,
-    round_seed,
     sample_by_weight,
     update_lambda,
 )

@@ -280,11 +280,6 @@ def sample_by_weight(weights: np.ndarray, draws: int, seed: int) -> np.ndarray:
     return rng.multinomial(draws, p)
 
 
-def round_seed(seed: int, server_round: int) -> int:
-    """A per-round seed: the same round of the same run samples the same way after a resume."""
-    return (seed * 1_000_003 + server_round * 7919) % (2**32)
-
-
 # ---- baselines' aggregation weights -------------------------------------------------------------
 def qffl_weights(losses: np.ndarray, q: float) -> np.ndarray:
     """q-FFL's effective relative weight of each client in the numerator: F_k^q, normalised."""

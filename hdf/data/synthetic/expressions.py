@@ -1,4 +1,4 @@
-"""Facial actions and the per-class temporal profiles that drive them (DESIGN.md section 5).
+"""Facial actions and the per-class temporal profiles that drive them (docs/design.md §5).
 
 Each class is one or more *variants*: a range per facial action at the apex, loosely after FACS
 action units (AU1+2 brow raise, AU4 brow lower, AU5/AU7 lids, AU6 cheek, AU9 nose wrinkle, AU10

@@ -1,5 +1,5 @@
 """Named sources of the synthetic benchmark: each a camera, a timing, a population, a label mix and
-a size, chosen to differ the way real DFER sources do (DESIGN.md section 5).
+a size, chosen to differ the way real DFER sources do (docs/design.md §5).
 
 `DEFAULT_SOURCES` is the fixed, ordered federation used when the data config names no sources; its
 order gives each source its stable index. `night_ir` is the small source unlike the rest.
