@@ -345,7 +345,7 @@ def _raw_videos(raw: Path) -> None:
     write_mp4(raw / "sad" / "two.mp4", [blank(128)] * 4)  # no face at all
 
 
-def _bright_box(frame: np.ndarray) -> tuple[int, int, int, int] | None:
+def _bright_box(frame: np.ndarray, min_size: float = 0.1) -> tuple[int, int, int, int] | None:
     """A stand-in detector: the bounding box of skin-bright pixels (the drawn face's oval)."""
     ys, xs = np.nonzero(frame[..., 0] > 150)
     if len(xs) < 50:
@@ -358,7 +358,7 @@ def test_prepare_pipeline_with_stand_in_detector(tmp_path):
     _raw_videos(tmp_path / "raw")
     s = prepare.prepare(tmp_path / "raw", tmp_path / "out", size=32, detector=_bright_box)
     assert (s.videos, s.clips, s.frames_kept, s.frames_no_face) == (2, 1, 6, 6)
-    assert [Path(p).name for p in s.clips_no_face] == ["two.mp4"]
+    assert {Path(p).name: v for p, v in s.left_out.items()} == {"two.mp4": (0, 4)}
     (src,) = build_sources({**BASE, "name": "manifest", "manifest": str(s.manifest)})
     rows = list(csv.DictReader(s.manifest.open()))
     assert rows == [{"path": "clips/happy/one", "label": "happy"}]
@@ -386,6 +386,10 @@ def test_prepare_command_end_to_end(tmp_path, capsys):
 
 
 def test_prepare_reports_missing_detector_or_labels(tmp_path, capsys):
-    write_mp4(tmp_path / "raw" / "nolabel.mp4", [blank(32)] * 2)
-    assert prepare.main([str(tmp_path / "raw"), str(tmp_path / "out")]) == 1
-    assert "has no label" in capsys.readouterr().out
+    """One line on stderr naming the video and the fix, whatever the terminal or tmp path."""
+    video = tmp_path / ("long-folder-name-" * 6) / "raw" / "nolabel.mp4"
+    write_mp4(video, [blank(32)] * 2)
+    assert prepare.main([str(video.parent), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert f"{video} has no label: put videos in <label>/ sub-folders" in err
