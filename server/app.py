@@ -45,8 +45,10 @@ def resolve_resume(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig
     """
     if not cfg.get("resume"):
         return cfg
-    saved = OmegaConf.create(RunFolder(cfg.resume).read_config())
+    folder = RunFolder(cfg.resume)
+    saved = OmegaConf.create(folder.read_config())
     assert isinstance(saved, DictConfig)
+    folder.load_checkpoint()  # a refused or unreadable checkpoint fails now, before anything starts
     if rounds_given(overrides):
         given = cfg.rounds
         if isinstance(given, bool) or not isinstance(given, int) or given < int(saved.rounds):

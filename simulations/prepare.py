@@ -145,14 +145,12 @@ def prepare(
                 Image.fromarray(crop).save(clip_dir / f"{kept:05d}.jpg", quality=95)
         except ClipReadError as err:
             summary.unreadable.append(f"{err}")
-            if clip_dir.exists():
-                shutil.rmtree(clip_dir)
+            _remove_clip(clip_dir, out / "clips")
             continue
         if not policy.enough(kept, frames):
             summary.left_out[str(video)] = (kept, frames)
             summary.frames_no_face += frames
-            if clip_dir.exists():
-                shutil.rmtree(clip_dir)
+            _remove_clip(clip_dir, out / "clips")
             continue
         summary.frames_kept += kept
         summary.frames_no_face += frames - kept
@@ -174,6 +172,18 @@ def prepare(
     if rows:
         summary.contact_sheet = write_contact_sheet(out, rows, sheet, sheet_clips)
     return summary
+
+
+def _remove_clip(clip_dir: Path, root: Path) -> None:
+    """Delete a clip's frames and the folders above it that it leaves empty, up to `root`."""
+    shutil.rmtree(clip_dir, ignore_errors=True)
+    for parent in clip_dir.parents:
+        if parent == root or root not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only succeeds when empty
+        except OSError:
+            break
 
 
 def write_contact_sheet(
