@@ -59,14 +59,14 @@ def _defaults() -> DictConfig:
 def check_data(cfg: DictConfig, *, every_split: bool = False) -> None:
     """Open every split the run reads (all splits of all sources when `every_split`, LOSO)."""
     sources = build_sources(cfg.data)
-    train, heldout = split_sources(sources, list(cfg.data.heldout or []), cfg.data.get("train"))
-    if not sources[0].dataset.cheap_splits:
-        return
-    if every_split:
+    if every_split:  # the sweep sets data.heldout per run; the base config's does not apply
         needs = [(s, split) for s in sources for split in SPLITS]
     else:
+        train, heldout = split_sources(sources, list(cfg.data.heldout or []), cfg.data.get("train"))
         needs = [(s, split) for s in train for split in ("train", "val")]
         needs += [(s, "test") for s in heldout]
+    if not sources or not sources[0].dataset.cheap_splits:
+        return
     for source, split in needs:
         source.split(split)  # raises ValueError naming the source, the split and the fix
 

@@ -5,7 +5,9 @@
     python -m simulations.run strategy=fedavg rounds=20 data.heldout=[studio]
     python -m simulations.run resume=runs/<folder>  # continue a run from its checkpoint
 
-The last line printed is the run folder.
+A resumed run keeps its own `rounds` unless `rounds=N` is given (extending it). The config is
+checked before the run folder is created: a run that cannot train fails at once, one line on
+stderr and exit status 2 (`simulations.cli`). The last line printed is the run folder.
 """
 
 from __future__ import annotations
