@@ -16,8 +16,13 @@ import torch
 import yaml
 
 from hdf.models import HDFNet, build_model
+from hdf.torchfile import UnreadableFileError, UnsafeFileError, load_torch_file
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the name RunFolder writes inside a run folder
+CHECKPOINT_FIX = (
+    "give a run folder or checkpoint.pt written by simulations.run or the ServerApp "
+    "(files from elsewhere are never unpickled)"
+)
 
 
 class CheckpointError(ValueError):
@@ -48,10 +53,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]
     """(checkpoint dict, its file) for a run folder or a checkpoint file; loaded on the CPU."""
     f = resolve_checkpoint(path)
     try:
-        # weights_only=False: the checkpoint also holds RNG states (numpy arrays, tuples).
-        ckpt = torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(f"{f}: not a readable torch checkpoint ({err})") from None
+        ckpt = load_torch_file(f, CHECKPOINT_FIX)
+    except (UnsafeFileError, UnreadableFileError) as err:
+        raise CheckpointError(str(err)) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(
             f"{f}: not a run checkpoint (expected a dict with 'model' and 'config', as "

@@ -6,6 +6,7 @@ ones `python -m simulations.run` takes), so both entry points reach the same com
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.app import Context
@@ -13,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
 from server.federation import run_federation
-from server.outputs import RunFolder
+from server.outputs import RunFolder, discarded_unless_trained
 from server.report import write_report
 
 app = ServerApp()
@@ -31,21 +32,46 @@ def open_run(cfg: DictConfig, run_dir: str = "") -> RunFolder:
     return RunFolder.create(cfg.output.root, str(cfg.name))
 
 
-def resolve_resume(cfg: DictConfig) -> DictConfig:
-    """A resumed run uses its saved config; only `rounds` may be raised to extend it."""
+def rounds_given(overrides: Sequence[str]) -> bool:
+    """Whether the command line sets `rounds` itself (``rounds=N``, ``+rounds=N``, ...)."""
+    return any(o.split("=", 1)[0].lstrip("+~") == "rounds" for o in overrides)
+
+
+def resolve_resume(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
+    """A resumed run uses its saved config, its own `rounds` included.
+
+    Only an explicit ``rounds=N`` among `overrides` changes it, and only upwards (extending the run;
+    its lr schedule then follows the new length); config.yaml is rewritten to match by `serve`.
+    """
     if not cfg.get("resume"):
         return cfg
-    saved = OmegaConf.create(RunFolder(cfg.resume).read_config())
+    folder = RunFolder(cfg.resume)
+    saved = OmegaConf.create(folder.read_config())
     assert isinstance(saved, DictConfig)
-    saved.rounds = max(int(saved.rounds), int(cfg.rounds))
+    folder.load_checkpoint()  # a refused or unreadable checkpoint fails now, before anything starts
+    if rounds_given(overrides):
+        given = cfg.rounds
+        if isinstance(given, bool) or not isinstance(given, int) or given < int(saved.rounds):
+            raise ValueError(
+                f"rounds={given!r}: resume can only extend {cfg.resume}, which has "
+                f"rounds={saved.rounds}; give rounds>={saved.rounds} or drop rounds= to finish it"
+            )
+        saved.rounds = given
     saved.resume = str(cfg.resume)
     return saved
 
 
+def run_config_yaml(cfg: DictConfig) -> str:
+    """config.yaml: the resolved config; `resume` is not part of it (the folder is the run)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    plain["resume"] = None
+    return OmegaConf.to_yaml(OmegaConf.create(plain))
+
+
 def serve(grid: Grid, cfg: DictConfig, run: RunFolder) -> Path:
     """Run the federation into `run`, write its report, and return the folder."""
-    if not cfg.get("resume"):
-        run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    run.write_config(run_config_yaml(cfg))  # a resumed run's too: it may have been extended
     run_federation(grid, cfg, run)
     write_report(run)
     return run.path
@@ -66,9 +92,14 @@ def make_server_app(cfg: DictConfig, run: RunFolder) -> ServerApp:
 def main(grid: Grid, context: Context) -> None:
     """`flwr run .` entry: compose from the `overrides` run-config key and serve."""
     from simulations.config import compose, split_overrides
+    from simulations.preflight import check_config
 
-    cfg = resolve_resume(compose(split_overrides(str(context.run_config.get("overrides", "")))))
-    run = open_run(cfg, str(context.run_config.get("run-dir", "")))
+    overrides = split_overrides(str(context.run_config.get("overrides", "")))
+    cfg = resolve_resume(compose(overrides), overrides)
+    check_config(cfg)
+    run_dir = str(context.run_config.get("run-dir", ""))
+    run = open_run(cfg, run_dir)
     print(f"run folder: {run.path.resolve()}", flush=True)
-    serve(grid, cfg, run)
+    with discarded_unless_trained(run, fresh=not cfg.get("resume") and not run_dir):
+        serve(grid, cfg, run)
     print(run.path.resolve(), flush=True)

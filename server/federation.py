@@ -123,11 +123,19 @@ class Federation:
         missing = {s.name for s in self.train_sources} - {
             self.names[v["source"]] for v in nodes.values() if not v["heldout"]
         }
+        simulated = bool(nodes) and all(v["partitions"] > 0 for v in nodes.values())
+        if missing and (simulated or len(missing) == len(self.train_sources)):
+            # Nothing could train, or a simulated node failed to start its source: fail now.
+            raise ValueError(
+                f"no node serves training source(s) {sorted(missing)}, so the run cannot train "
+                "them; a node that could not load its source logged why above (in deployment, "
+                "start the sites serving them; in simulation, one SuperNode per training "
+                "source, e.g. --federation-config 'num-supernodes=N')"
+            )
         if missing:
             self.console.print(
                 f"[yellow]no node serves training source(s) {sorted(missing)}: they will not "
-                "train until a site serving them connects (in simulation, start one SuperNode "
-                "per training source, e.g. --federation-config 'num-supernodes=N')[/]"
+                "train until a site serving them connects[/]"
             )
         self.train_config = ConfigRecord(
             {

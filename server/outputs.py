@@ -11,17 +11,27 @@ import math
 import os
 import random
 import re
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from hdf.torchfile import UnreadableFileError, UnsafeFileError, load_torch_file
+
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 DONE_FILE = "done"
+RESUME_FIX = "resume= only a run folder written by simulations.run or the ServerApp"
+
+
+class RunFolderError(ValueError):
+    """A folder given as a run folder (resume=) that is not one, or whose checkpoint is refused."""
 
 
 class RunFolder:
@@ -49,7 +59,7 @@ class RunFolder:
     def read_config(self) -> str:
         f = self.path / CONFIG_FILE
         if not f.exists():
-            raise FileNotFoundError(f"{f} not found: {self.path} is not a run folder")
+            raise RunFolderError(f"{f} not found: {self.path} is not a run folder; {RESUME_FIX}")
         return f.read_text()
 
     # ---- metrics ---------------------------------------------------------------------------
@@ -81,7 +91,15 @@ class RunFolder:
         f = self.path / CHECKPOINT_FILE
         if not f.exists():
             return None
-        return torch.load(f, map_location="cpu", weights_only=False)
+        try:
+            return load_torch_file(f, RESUME_FIX)
+        except (UnsafeFileError, UnreadableFileError) as err:
+            raise RunFolderError(str(err)) from None
+
+    @property
+    def trained(self) -> bool:
+        """Whether at least one round finished (metrics.jsonl has a row with round >= 1)."""
+        return any(int(r.get("round", 0)) >= 1 for r in self.read_metrics())
 
     def mark_done(self) -> None:
         (self.path / DONE_FILE).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
@@ -89,6 +107,21 @@ class RunFolder:
     @property
     def done(self) -> bool:
         return (self.path / DONE_FILE).exists()
+
+
+@contextmanager
+def discarded_unless_trained(run: RunFolder, fresh: bool) -> Iterator[RunFolder]:
+    """Remove a `fresh` run folder (created by this command) when the run fails before round 1.
+
+    A run that could not train leaves nothing behind to be mistaken for a result; a resumed
+    folder, or one that finished a round, is kept (it can be resumed).
+    """
+    try:
+        yield run
+    except Exception:
+        if fresh and run.path.is_dir() and not run.trained:
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
 
 
 def rng_state() -> dict[str, Any]:

@@ -16,8 +16,29 @@ from server.outputs import RunFolder
 from server.selection import BEST_MODEL_FILE, CRITERION, score_row, select_round
 
 
+def _finite(x: Any) -> bool:
+    """A number that can be shown and compared (metrics.jsonl stores NaN and Inf as null)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x)
+
+
 def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
+    """A share as a percentage; '-' for a missing or non-finite value."""
+    return f"{100 * x:.1f}" if _finite(x) else "-"
+
+
+def _num(x: float | None, spec: str = ".3f") -> str:
+    return format(x, spec) if _finite(x) else "-"
+
+
+def _worst(by_source: dict[str, dict[str, Any]], key: str = "uar") -> str | None:
+    """The source with the lowest finite `key`, or None when no source has one."""
+    ok = [n for n, v in by_source.items() if _finite(v.get(key))]
+    return min(ok, key=lambda n: by_source[n][key]) if ok else None
+
+
+def _mean(values: list[Any]) -> float | None:
+    ok = [float(v) for v in values if _finite(v)]
+    return float(np.mean(ok)) if ok else None
 
 
 def format_row(row: dict[str, Any], rounds: int) -> str:
@@ -28,17 +49,19 @@ def format_row(row: dict[str, Any], rounds: int) -> str:
         parts.append(f"updates {row['replied'] - len(row['rejected'])}/{row['sent']}")
         if row["clients"]:
             lb = [c["loss_before"] for c in row["clients"].values()]
-            parts.append(f"loss-before mean {np.mean(lb):.3f} max {np.max(lb):.3f}")
-    if row.get("lambda"):
-        top = max(row["lambda"], key=row["lambda"].get)
-        parts.append(f"λmax {row['lambda'][top]:.2f} ({top})")
-    if train:
-        worst = min(train, key=lambda n: train[n]["uar"])
-        mean = np.mean([v["uar"] for v in train.values()])
-        parts.append(f"val UAR mean {mean:.3f} worst {train[worst]['uar']:.3f} ({worst})")
+            top = max((float(x) for x in lb if _finite(x)), default=None)
+            parts.append(f"loss-before mean {_num(_mean(lb))} max {_num(top)}")
+    lam = {n: w for n, w in (row.get("lambda") or {}).items() if _finite(w)}
+    if lam:
+        top_source = max(lam, key=lam.__getitem__)
+        parts.append(f"λmax {lam[top_source]:.2f} ({top_source})")
+    worst = _worst(train)
+    if worst is not None:
+        mean = _mean([v.get("uar") for v in train.values()])
+        parts.append(f"val UAR mean {_num(mean)} worst {_num(train[worst]['uar'])} ({worst})")
     for name, v in held.items():
-        parts.append(f"held-out {name} UAR {v['uar']:.3f}")
-    parts.append(f"{row['seconds']:.1f}s")
+        parts.append(f"held-out {name} UAR {_num(v.get('uar'))}")
+    parts.append(f"{_num(row.get('seconds'), '.1f')}s")
     return " | ".join(parts)
 
 
@@ -56,14 +79,15 @@ def plot_series(
             for r in rows
             if n in r.get(key, {})
         ]
-        pts = [(x, y) for x, y in pts if y is not None]
+        pts = [(x, y) for x, y in pts if _finite(y)]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=n)
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.lines:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -155,12 +179,13 @@ def write_report(run: RunFolder) -> Path:
     for n, v in sorted(last["train"].items()):
         u0 = first["train"].get(n, {}).get("uar")
         lines.append(
-            f"| {n} | {last['lambda'].get(n, 0):.3f} | {_fmt(u0)} | {_fmt(v['uar'])} "
-            f"| {_fmt(v['war'])} | {v['loss']:.3f} |"
+            f"| {n} | {_num(last['lambda'].get(n))} | {_fmt(u0)} | {_fmt(v.get('uar'))} "
+            f"| {_fmt(v.get('war'))} | {_num(v.get('loss'))} |"
         )
-    if last["train"]:
-        uars = [v["uar"] for v in last["train"].values()]
-        lines += ["", f"Mean UAR {_fmt(float(np.mean(uars)))}, worst {_fmt(min(uars))}.", ""]
+    worst = _worst(last["train"])
+    if worst is not None:
+        mean = _mean([v.get("uar") for v in last["train"].values()])
+        lines += ["", f"Mean UAR {_fmt(mean)}, worst {_fmt(last['train'][worst]['uar'])}.", ""]
     if last["heldout"]:
         lines += [
             "## Held-out sources (test split)",
@@ -170,7 +195,7 @@ def write_report(run: RunFolder) -> Path:
         ]
         for n, v in sorted(last["heldout"].items()):
             u0 = first["heldout"].get(n, {}).get("uar")
-            lines.append(f"| {n} | {_fmt(u0)} | {_fmt(v['uar'])} | {_fmt(v['war'])} |")
+            lines.append(f"| {n} | {_fmt(u0)} | {_fmt(v.get('uar'))} | {_fmt(v.get('war'))} |")
             if v.get("confusion"):
                 png = f"confusion_{n}.png"
                 plot_confusion(v["confusion"], f"{n}, round {last['round']}", run.path / png)

@@ -28,11 +28,13 @@ from hdf.models import HDFNet, build_model
 from hdf.seeding import round_seed
 from hdf.train import train_local
 from server.federation import lr_of_round
-from server.outputs import RunFolder
+from server.outputs import RunFolder, discarded_unless_trained
 from server.report import format_row, write_report
 from server.selection import BestModel
 from server.tracking import Tracker
+from simulations.cli import command
 from simulations.config import compose
+from simulations.preflight import check_run
 
 
 def score(
@@ -107,10 +109,13 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
     return run
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     cfg = compose(["name=centralized", *(sys.argv[1:] if argv is None else argv)])
+    check_run(cfg)
     run = RunFolder.create(cfg.output.root, str(cfg.name))
-    train_centralized(cfg, run)
+    with discarded_unless_trained(run, fresh=True):
+        train_centralized(cfg, run)
     print(run.path, flush=True)
     return 0
 

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from hdf.classes import EMOTIONS
 from hdf.data import SPLITS, ClipDataset, Source, build_sources
+from simulations import cli
 from simulations.config import compose
 
 USAGE = "usage: python -m simulations.data {stats,preview,prepare} [options] [hydra overrides]"
@@ -52,10 +53,9 @@ def compute_stats(sources: Sequence[Source]) -> dict[str, dict[str, dict[str, An
 
 def print_stats(stats: dict[str, dict[str, dict[str, Any]]], data_name: str) -> None:
     """One rich table per source: a row per split, a column per class."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = cli.console()
     for index, (name, splits) in enumerate(stats.items()):
         table = Table(title=f"[{index}] {name} ({data_name})", title_justify="left")
         table.add_column("split")
@@ -130,6 +130,7 @@ def preview_main(cfg: DictConfig, split: str, frames: int, out: str | None) -> P
     return path
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -156,8 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = parser.parse_args(rest)
         preview_main(compose(ns.overrides), ns.split, max(1, ns.frames), ns.out)
         return 0
-    print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
-    return 2
+    raise ValueError(f"unknown command {cmd!r}; {USAGE}")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ checkpoint's, with the Hydra overrides given here applied on top (``data=<group>
 group's file instead; T and size still default to the checkpoint's). Which sources are scored:
 ``--sources a,b`` if given; else every source of the data config when the overrides choose the data
 (``data=<group>`` or ``data.sources=...``); else the run's held-out sources (all sources if none).
-Exit codes: 0; 1 for a bad override, unknown source or a model config the weights do not fit;
-2 for a missing or unreadable checkpoint or data file. Writes report.md, confusion PNGs and
-results.json into ``--out`` (default: a folder ``eval-...`` next to the checkpoint). The last line
-printed is one JSON object ``{"uar", "war", "per_source": {source: {"uar", "war"}}}``, whose
-top-level numbers pool every scored clip.
+Exit codes: 0; 2 for a bad override, an unknown source, a model config the weights do not fit, or
+a missing, unreadable or refused checkpoint or data file (one line on stderr). Writes report.md,
+confusion PNGs and results.json into ``--out`` (default: a folder ``eval-...`` next to the
+checkpoint). The last line printed is one JSON object ``{"uar", "war", "per_source": {source:
+{"uar", "war"}}}``, whose top-level numbers pool every scored clip.
 """
 
 from __future__ import annotations
@@ -32,13 +32,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from hdf.checkpoint import (
-    CheckpointError,
-    CheckpointMismatchError,
-    checkpoint_config,
-    load_model,
-    read_checkpoint,
-)
+from hdf.checkpoint import checkpoint_config, load_model, read_checkpoint
 from hdf.classes import EMOTIONS
 from hdf.data import SPLITS, Source, build_sources
 from hdf.device import resolve_device
@@ -46,6 +40,7 @@ from hdf.evaluate import evaluate
 from hdf.metrics import per_class_recall
 from server.outputs import METRICS_FILE, RunFolder, clean
 from server.report import plot_confusion
+from simulations import cli
 from simulations.config import compose
 
 # Overrides of these keys choose *which* data is scored, so every source it lists is scored.
@@ -209,7 +204,7 @@ def run_evaluation(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Score the checkpoint and write the report; returns the summary JSON object."""
-    console = console or Console()
+    console = console or cli.console()
     ckpt, ckpt_file = read_checkpoint(checkpoint)
     base = checkpoint_config(ckpt, ckpt_file)
     cfg, keys = apply_overrides(base, overrides)
@@ -274,6 +269,7 @@ def run_evaluation(
     return summary
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulations.evaluate",
@@ -285,21 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", default="", help="comma-separated source names to score")
     parser.add_argument("--out", default=None, help="report folder (default: next to the ckpt)")
     args = parser.parse_args(argv)
-    console = Console(stderr=False, highlight=False)
     names = [n.strip() for n in args.sources.split(",") if n.strip()] or None
-    try:
-        summary = run_evaluation(
-            args.checkpoint, list(args.overrides), args.split, names, args.out, console
-        )
-    except CheckpointMismatchError as err:
-        console.print(f"[red]error:[/] {err}", soft_wrap=True)
-        return 1
-    except (CheckpointError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/] {err}", soft_wrap=True)
-        return 2
-    except ValueError as err:
-        console.print(f"[red]error:[/] {err}", soft_wrap=True)
-        return 1
+    summary = run_evaluation(
+        args.checkpoint, list(args.overrides), args.split, names, args.out, cli.console()
+    )
     print(json.dumps(clean(summary)), flush=True)
     return 0
 

@@ -16,21 +16,14 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
-
-from hdf.checkpoint import CheckpointError, CheckpointMismatchError, load_model, resolve_checkpoint
-from hdf.export import (
-    FORMATS,
-    SUFFIX,
-    ExportError,
-    export_model,
-    load_exported,
-    max_logit_difference,
-)
+from hdf.checkpoint import load_model, resolve_checkpoint
+from hdf.export import FORMATS, SUFFIX, export_model, load_exported, max_logit_difference
+from simulations import cli
 
 TOLERANCE = 1e-5  # largest |logit difference| accepted between the export and the eager model
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulations.export",
@@ -40,33 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="export", choices=FORMATS)
     parser.add_argument("--out", type=Path, default=None, help="file (default: next to the ckpt)")
     args = parser.parse_args(argv)
-    console = Console(highlight=False)
-    try:
-        ckpt_file = resolve_checkpoint(args.checkpoint)
-        model, cfg = load_model(ckpt_file)
-    except CheckpointMismatchError as err:
-        console.print(f"[red]error:[/] {err}", soft_wrap=True)
-        return 1
-    except CheckpointError as err:
-        console.print(f"[red]error:[/] {err}", soft_wrap=True)
-        return 2
+    console = cli.console()
+    ckpt_file = resolve_checkpoint(args.checkpoint)
+    model, cfg = load_model(ckpt_file)
     out = args.out or ckpt_file.parent / f"model{SUFFIX[args.format]}"
     meta = {"checkpoint": str(ckpt_file), "run_name": cfg.get("name")}
-    try:
-        with console.status(f"exporting ({args.format})"):
-            path = export_model(model, out, args.format, meta)
-            exported, stored = load_exported(path)
-            diff = max_logit_difference(model, exported)
-    except ExportError as err:
-        console.print(f"[red]error:[/] {err}", soft_wrap=True)
-        return 1
+    with console.status(f"exporting ({args.format})"):
+        path = export_model(model, out, args.format, meta)
+        exported, stored = load_exported(path)
+        diff = max_logit_difference(model, exported)
     console.print(
         f"wrote {path}: input uint8 B x {stored['num_frames']} x 3 x {stored['size']} x "
         f"{stored['size']}, output logits over {', '.join(stored['classes'])}"
     )
     ok = diff <= TOLERANCE
     if not ok:
-        console.print(f"[red]error:[/] exported logits differ from PyTorch's by {diff:.2e}")
+        cli.print_error(f"exported logits differ from PyTorch's by {diff:.2e} (> {TOLERANCE})")
     print(json.dumps({"path": str(path), "format": args.format, "max_abs_diff": diff}))
     return 0 if ok else 1
 

@@ -44,7 +44,9 @@ from omegaconf import OmegaConf
 
 from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, DONE_FILE, METRICS_FILE
 from server.selection import select_round
+from simulations.cli import command
 from simulations.config import compose
+from simulations.preflight import check_config, check_data
 from simulations.stats import PairedDiff, paired_ci, verdict
 
 LOSO_DEFAULTS: dict[str, Any] = {
@@ -102,6 +104,7 @@ def plan(argv: Sequence[str]) -> Sweep:
     """The sweep's folder and its runs (nothing is run or written)."""
     given, base = split_args(argv)
     cfg = compose(base)
+    check_config(cfg)
     preset = cfg.get("loso")
     preset = OmegaConf.to_container(preset) if preset is not None else {}
     settings = {**LOSO_DEFAULTS, **dict(preset), **given}
@@ -111,6 +114,7 @@ def plan(argv: Sequence[str]) -> Sweep:
     from hdf.data import build_sources
 
     names = [s.name for s in build_sources(cfg.data)]
+    check_data(cfg, every_split=True)  # each source is trained on and held out in turn
     heldout = list(settings["heldout"] or names)
     for h in heldout:
         if h not in names:
@@ -184,7 +188,7 @@ def worker(strategy: str, run_dir: str, overrides: list[str]) -> int:
     from simulations.run import simulate
 
     if (path / CHECKPOINT_FILE).exists() and (path / CONFIG_FILE).exists():
-        cfg = resolve_resume(compose([*overrides, f"resume={path}"]))
+        cfg = resolve_resume(compose([*overrides, f"resume={path}"]), overrides)
     else:
         (path / METRICS_FILE).unlink(missing_ok=True)  # rows of a run that died before round 0
         cfg = compose(overrides)
@@ -698,6 +702,7 @@ def write_report(sweep: Sweep) -> Path:
     return path
 
 
+@command
 def main(argv: list[str] | None = None, launcher: Callable[[RunSpec], int] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:

@@ -4,15 +4,17 @@
     python -m simulations.predict frames/ runs/<folder>/checkpoint.pt --stride 2 --fps 25 \
         --csv out.csv --json out.json --strip out.png
 
-Frames come from a video file (PyAV: mp4, mov, avi, ...) or a folder of frame images. The face is
-found in every frame with the bundled Haar detector (`hdf.data.faces.detect_face`); a window is
-classified when at least ``--min-face-frac`` of its frames show a face, and then all its frames are
-cropped with one box (the median of that window's detections, so the crop does not jitter) exactly
-as `hdf.data.faces.crop_face` prepares training clips. Other windows are reported as ``no-face``.
+Frames come from a video file (PyAV: mp4, mov, avi, ...) or a folder of frame images. Faces are
+found and judged by `hdf.data.faces.FacePolicy`, the rule `simulations.prepare` applies to training
+clips: a window of T frames is classified when at least ``--min-face-frac`` of its frames, and at
+least ``--min-face-frames``, show a face; then all its frames are cropped with one box (the median
+of that window's detections, so the crop does not jitter) by `hdf.data.faces.crop_face`, as
+training clips are. Other windows are reported as ``no-face``.
 Windows start every ``--stride`` frames (default T); a last window is added to reach the final
 frame, and a video shorter than T gives one window with frames repeated.
-Exit codes: 0 (also when no face is found); 1 when no face detector is available or the checkpoint
-does not fit its config; 2 for an unreadable video, frame folder or checkpoint (named in the error).
+Exit codes: 0 (also when no face is found); 2, with one line on stderr naming the file or option,
+for an unreadable video, frame folder or checkpoint, a checkpoint that does not fit its config, or
+no face detector in the installed OpenCV.
 """
 
 from __future__ import annotations
@@ -34,16 +36,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from hdf.checkpoint import CheckpointError, CheckpointMismatchError, load_model
+from hdf.checkpoint import load_model
 from hdf.classes import EMOTIONS
-from hdf.data.faces import Box, FaceDetectorUnavailable, crop_face, detect_face
+from hdf.data.faces import Box, FacePolicy, crop_face, detect_face, scale_box
 from hdf.data.frames import IMAGE_EXTS, ClipReadError, is_video, iter_video_frames, list_frames
 from hdf.data.frames import sample_indices as uniform_indices
 from hdf.device import resolve_device
 from hdf.models import HDFNet
 from server.outputs import clean
+from simulations import cli
+from simulations.prepare import add_policy_arguments, policy_from
 
-WORK_SIDE = 480  # frames are downscaled so their shorter side is at most this (detection speed)
 THUMB_HEIGHT = 120  # strip thumbnails
 BATCH = 16  # windows per forward pass
 
@@ -162,28 +165,13 @@ def open_frames(path: Path) -> tuple[Iterator[np.ndarray], float | None, int | N
     raise ClipReadError(path, "no such file or folder")
 
 
-def _downscale(frame: np.ndarray) -> tuple[np.ndarray, float]:
-    """The frame with its shorter side at most WORK_SIDE, and the factor back to the original."""
-    h, w = frame.shape[:2]
-    s = min(h, w)
-    if s <= WORK_SIDE:
-        return frame, 1.0
-    f = s / WORK_SIDE
-    img = Image.fromarray(frame).resize((round(w / f), round(h / f)), Image.Resampling.BILINEAR)
-    return np.asarray(img), f
-
-
-def _scale_box(box: Box | None, f: float) -> Box | None:
-    return None if box is None else tuple(round(v * f) for v in box)  # type: ignore[return-value]
-
-
 # ---- windows ---------------------------------------------------------------------------------
 
 
-def window_box(boxes: list[Box | None], min_faces: int) -> Box | None:
-    """The median box of a window's detections; None when fewer than `min_faces` frames have one."""
+def window_box(boxes: list[Box | None], policy: FacePolicy) -> Box | None:
+    """The median box of a window's detections; None when the policy finds too few of them."""
     found = [b for b in boxes if b is not None]
-    if len(found) < max(min_faces, 1):
+    if not policy.enough(len(found), len(boxes)):
         return None
     return tuple(round(float(v)) for v in np.median(np.asarray(found), axis=0))  # type: ignore[return-value]
 
@@ -211,7 +199,7 @@ def predict(
     model: HDFNet,
     *,
     stride: int | None = None,
-    min_face_frac: float = 0.5,
+    policy: FacePolicy | None = None,
     device: torch.device | None = None,
     strip: bool = False,
     console: Console | None = None,
@@ -228,7 +216,7 @@ def predict(
     stride = int(stride or t)
     if stride < 1:
         raise ValueError(f"--stride must be at least 1, got {stride}")
-    min_faces = max(1, int(np.ceil(min_face_frac * t)))
+    policy = policy or FacePolicy()
     frames, fps, count = open_frames(path)
 
     buffer: deque[tuple[int, np.ndarray, float]] = deque(maxlen=t)  # (index, work frame, factor)
@@ -248,14 +236,14 @@ def predict(
     def emit(indices: list[int]) -> None:
         by_index = {i: (f, s) for i, f, s in buffer}
         boxes = [work_boxes[i] for i in indices]
-        box = window_box(boxes, min_faces)
+        box = window_box(boxes, policy)
         mid = by_index[indices[len(indices) // 2]][0]
         w = Window(
             index=len(windows),
             start=indices[0],
             end=indices[-1],
             face_frames=len({i for i in indices if work_boxes[i] is not None}),
-            box=_scale_box(box, by_index[indices[0]][1]),
+            box=scale_box(box, by_index[indices[0]][1]),
             thumb=_thumb(mid, box) if strip else None,
         )
         windows.append(w)
@@ -267,12 +255,13 @@ def predict(
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     n = 0
-    with Progress(*columns, console=console or Console(stderr=True), transient=True) as progress:
+    console = console or cli.console(stderr=True)
+    with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(f"reading {path.name}", total=count)
         try:
             for frame in frames:
-                work, f = _downscale(frame)
-                work_boxes.append(detect_face(work))
+                work, f, found = policy.detect(frame, detect_face)
+                work_boxes.append(found)
                 scale.append(f)
                 buffer.append((n, work, f))
                 if n >= t - 1 and (n - (t - 1)) % stride == 0:
@@ -290,7 +279,7 @@ def predict(
         elif not windows or windows[-1].end < n - 1:
             emit(list(range(n - t, n)))
         flush()
-    face_boxes = [_scale_box(b, s) for b, s in zip(work_boxes, scale, strict=True)]
+    face_boxes = [scale_box(b, s) for b, s in zip(work_boxes, scale, strict=True)]
     return Prediction(path, fps, n, t, stride, windows, face_boxes, error)
 
 
@@ -354,6 +343,7 @@ def show(pred: Prediction, console: Console) -> None:
     console.print(table)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulations.predict",
@@ -362,51 +352,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("input", help="video file (mp4, mov, avi, ...) or folder of frame images")
     parser.add_argument("checkpoint", help="run folder (runs/<folder>) or checkpoint file")
     parser.add_argument("--stride", type=int, default=None, help="frames between windows (T)")
-    parser.add_argument(
-        "--min-face-frac", type=float, default=0.5, help="share of a window's frames with a face"
-    )
+    add_policy_arguments(parser)
     parser.add_argument("--fps", type=float, default=None, help="frame rate of a frame folder")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--csv", type=Path, default=None, help="write one row per window")
     parser.add_argument("--json", type=Path, default=None, help="write windows and frame boxes")
     parser.add_argument("--strip", type=Path, default=None, help="write an annotated PNG strip")
     args = parser.parse_args(argv)
-    console = Console(highlight=False)
-    err_console = Console(stderr=True, highlight=False)
-
-    def fail(msg: str, code: int) -> int:
-        err_console.print(f"[red]error:[/] {msg}", soft_wrap=True)
-        return code
-
+    console, err_console = cli.console(), cli.console(stderr=True)
     src = Path(args.input)
     if not src.exists():
-        return fail(f"{src}: no such video file or frame folder", 2)
+        raise FileNotFoundError(f"{src}: no such video file or frame folder")
     if src.is_file() and not is_video(src):
-        return fail(f"{src}: not a video file (mp4, mov, avi, ...) nor a frame folder", 2)
+        raise ValueError(f"{src}: not a video file (mp4, mov, avi, ...) nor a frame folder")
     try:
         device = resolve_device(args.device)
-    except (ValueError, RuntimeError) as err:
-        return fail(str(err), 1)
-    try:
-        model, _ = load_model(args.checkpoint, device=device)
-    except CheckpointMismatchError as err:
-        return fail(str(err), 1)
-    except CheckpointError as err:
-        return fail(str(err), 2)
-    try:
-        pred = predict(
-            src,
-            model,
-            stride=args.stride,
-            min_face_frac=args.min_face_frac,
-            device=device,
-            strip=args.strip is not None,
-            console=err_console,
-        )
-    except ClipReadError as err:
-        return fail(f"cannot read {err.path}: {err.reason}", 2)
-    except FaceDetectorUnavailable as err:
-        return fail(str(err), 1)
+    except RuntimeError as err:  # e.g. --device cuda on a machine without CUDA
+        raise ValueError(f"--device {args.device}: {err}") from None
+    model, _ = load_model(args.checkpoint, device=device)
+    pred = predict(
+        src,
+        model,
+        stride=args.stride,
+        policy=policy_from(args),
+        device=device,
+        strip=args.strip is not None,
+        console=err_console,
+    )
     if args.fps and pred.fps is None:
         pred.fps = float(args.fps)
 
@@ -421,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     no_face = sum(b is None for b in pred.face_boxes)
     classified = sum(w.probs is not None for w in pred.windows)
     if pred.error:
-        return fail(f"{src}: {pred.error}; the windows above cover the frames read", 2)
+        cli.print_error(f"{src}: {pred.error}; the windows above cover the frames read")
+        return cli.EXIT_USER_ERROR
     if no_face == pred.num_frames:
         console.print(
             f"no face found in any of the {pred.num_frames} frames of {src}: nothing classified"

@@ -5,7 +5,9 @@
     python -m simulations.run strategy=fedavg rounds=20 data.heldout=[studio]
     python -m simulations.run resume=runs/<folder>  # continue a run from its checkpoint
 
-The last line printed is the run folder.
+A resumed run keeps its own `rounds` unless `rounds=N` is given (extending it). The config is
+checked before the run folder is created: a run that cannot train fails at once, one line on
+stderr and exit status 2 (`simulations.cli`). The last line printed is the run folder.
 """
 
 from __future__ import annotations
@@ -27,8 +29,19 @@ from omegaconf import DictConfig  # noqa: E402
 
 from hdf.data import build_sources, split_sources  # noqa: E402
 from server.app import make_server_app, open_run, resolve_resume  # noqa: E402
-from server.outputs import RunFolder  # noqa: E402
+from server.outputs import RunFolder, discarded_unless_trained  # noqa: E402
+from simulations.cli import command  # noqa: E402
 from simulations.config import compose  # noqa: E402
+from simulations.preflight import check_run  # noqa: E402
+
+
+def check_simulation(cfg: DictConfig) -> None:
+    """What only the in-process simulation needs, on top of `check_run`."""
+    if str(cfg.server.heldout_eval) != "server":
+        raise ValueError(
+            f"server.heldout_eval={cfg.server.heldout_eval}: in simulation the server scores "
+            "held-out sources; keep server.heldout_eval=server"
+        )
 
 
 def simulate(cfg: DictConfig, run: RunFolder) -> None:
@@ -39,10 +52,7 @@ def simulate(cfg: DictConfig, run: RunFolder) -> None:
 
     from client.app import app as client_app
 
-    if str(cfg.server.heldout_eval) != "server":
-        raise ValueError(
-            "in simulation the server scores held-out sources: keep server.heldout_eval=server"
-        )
+    check_simulation(cfg)
     train, _ = split_sources(
         build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train")
     )
@@ -69,11 +79,16 @@ def simulate(cfg: DictConfig, run: RunFolder) -> None:
         raise RuntimeError(f"the federation did not finish; see the log above and {run.path}")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    cfg = resolve_resume(compose(sys.argv[1:] if argv is None else argv))
+    overrides = sys.argv[1:] if argv is None else argv
+    cfg = resolve_resume(compose(overrides), overrides)
+    check_run(cfg)
+    check_simulation(cfg)
     run = open_run(cfg)
     print(f"run folder: {run.path}", flush=True)
-    simulate(cfg, run)
+    with discarded_unless_trained(run, fresh=not cfg.get("resume")):
+        simulate(cfg, run)
     print(run.path, flush=True)
     return 0
 

@@ -113,14 +113,15 @@ def test_data_override_scores_every_listed_source(run_dir: Path, cache: Path, ca
 def test_sources_flag_and_unknown_source(run_dir: Path, capsys) -> None:
     assert E.main([str(run_dir), "--sources", "studio", "--split", "val"]) == 0
     assert list(_last_json(capsys.readouterr().out)["per_source"]) == ["studio"]
-    assert E.main([str(run_dir), "--sources", "mars"]) == 1
-    assert "mars" in capsys.readouterr().out
+    assert E.main([str(run_dir), "--sources", "mars"]) == 2
+    assert "mars" in capsys.readouterr().err
 
 
 def test_other_model_config_fails_naming_the_keys(run_dir: Path, capsys) -> None:
     """A model override that does not fit the weights names the differing config keys."""
-    assert E.main([str(run_dir), "model.width=8"]) == 1
-    out = capsys.readouterr().out
+    assert E.main([str(run_dir), "model.width=8"]) == 2
+    out = capsys.readouterr().err
+    assert out.count("\n") == 1
     assert "model.width: checkpoint 4, given 8" in out and "of another shape" in out
     with pytest.raises(CheckpointMismatchError, match=r"model\.dam\.enabled: checkpoint True"):
         cfg = dict(OmegaConf.to_container(compose(["experiment=tiny"]).model))
@@ -135,7 +136,7 @@ def test_bad_checkpoints_are_named(run_dir: Path, tmp_path: Path, capsys) -> Non
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00" * 10)
     assert E.main([str(junk)]) == 2
-    assert "junk.pt" in capsys.readouterr().out
+    assert "junk.pt" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match=r"without checkpoint\.pt"):
         load_model(tmp_path)
 

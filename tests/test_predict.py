@@ -152,7 +152,7 @@ def test_truncated_video_fails_with_its_name_and_exit_2(
     video.write_bytes(data[: len(data) // 2])
     assert P.main([str(video), str(run_dir)]) == 2
     err = capsys.readouterr().err
-    assert "cut.mp4" in err and "cannot read" in err
+    assert "cut.mp4: unreadable video" in err and err.count("\n") == 1
 
 
 def test_missing_input_and_unreadable_checkpoint_exit_2(

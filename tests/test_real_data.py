@@ -11,12 +11,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import hdf.data.multi  # noqa: F401  (registers multi and the dfew, ferv39k, manifest it imports)
 from hdf.classes import EMOTIONS
 from hdf.data import build_sources
-from hdf.data.faces import crop_face, detect_face, detector_available
+from hdf.data.faces import FacePolicy, crop_face, detect_face, detector_available
 from hdf.data.folder_dataset import FolderClipDataset, hash_split
 from hdf.data.frames import ClipReadError, list_frames, read_clip, sample_indices
 from simulations import prepare
@@ -345,7 +346,7 @@ def _raw_videos(raw: Path) -> None:
     write_mp4(raw / "sad" / "two.mp4", [blank(128)] * 4)  # no face at all
 
 
-def _bright_box(frame: np.ndarray) -> tuple[int, int, int, int] | None:
+def _bright_box(frame: np.ndarray, min_size: float = 0.1) -> tuple[int, int, int, int] | None:
     """A stand-in detector: the bounding box of skin-bright pixels (the drawn face's oval)."""
     ys, xs = np.nonzero(frame[..., 0] > 150)
     if len(xs) < 50:
@@ -358,7 +359,7 @@ def test_prepare_pipeline_with_stand_in_detector(tmp_path):
     _raw_videos(tmp_path / "raw")
     s = prepare.prepare(tmp_path / "raw", tmp_path / "out", size=32, detector=_bright_box)
     assert (s.videos, s.clips, s.frames_kept, s.frames_no_face) == (2, 1, 6, 6)
-    assert [Path(p).name for p in s.clips_no_face] == ["two.mp4"]
+    assert {Path(p).name: v for p, v in s.left_out.items()} == {"two.mp4": (0, 4)}
     (src,) = build_sources({**BASE, "name": "manifest", "manifest": str(s.manifest)})
     rows = list(csv.DictReader(s.manifest.open()))
     assert rows == [{"path": "clips/happy/one", "label": "happy"}]
@@ -386,6 +387,61 @@ def test_prepare_command_end_to_end(tmp_path, capsys):
 
 
 def test_prepare_reports_missing_detector_or_labels(tmp_path, capsys):
-    write_mp4(tmp_path / "raw" / "nolabel.mp4", [blank(32)] * 2)
-    assert prepare.main([str(tmp_path / "raw"), str(tmp_path / "out")]) == 1
-    assert "has no label" in capsys.readouterr().out
+    """One line on stderr naming the video and the fix, whatever the terminal or tmp path."""
+    video = tmp_path / ("long-folder-name-" * 6) / "raw" / "nolabel.mp4"
+    write_mp4(video, [blank(32)] * 2)
+    assert prepare.main([str(video.parent), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert f"{video} has no label: put videos in <label>/ sub-folders" in err
+
+
+def _title_frame(letters: bool) -> np.ndarray:
+    """A dark title card; with `letters`, a block of bright lettering a detector may mistake."""
+    frame = blank(128)
+    if letters:
+        frame[40:90, 20:108] = (230, 230, 230)
+        frame[50:80, 30:100:6] = (40, 60, 90)  # gaps between the "letters"
+    return frame
+
+
+def test_face_policy_rule_by_hand() -> None:
+    """needed(n) = max(ceil(min_face_frac * n), min_face_frames)."""
+    p = FacePolicy()
+    assert [p.needed(n) for n in (1, 4, 7, 12, 16)] == [3, 3, 4, 6, 8]
+    assert FacePolicy(min_face_frac=0.25, min_face_frames=1).needed(10) == 3
+    assert p.enough(6, 12) and not p.enough(5, 12)
+    with pytest.raises(ValueError, match="--min-face-frac"):
+        FacePolicy(min_face_frac=0)
+
+
+def test_prepare_leaves_out_a_video_of_false_detections(tmp_path, capsys, monkeypatch):
+    """A title sequence whose only 'faces' are 2 false detections in 12 frames writes no clip,
+    is counted with its numbers, and the contact sheet shows only the real clip."""
+    raw = tmp_path / "raw"
+    _raw_videos(raw)  # happy/one: 6 face frames of 8; sad/two: no face
+    write_mp4(raw / "neutral" / "title.mp4", [_title_frame(i in (3, 4)) for i in range(12)])
+    s = prepare.prepare(raw, tmp_path / "out", size=32, detector=_bright_box)
+    assert s.clips == 1 and s.frames_kept == 6
+    left = {Path(p).name: v for p, v in s.left_out.items()}
+    assert left == {"title.mp4": (2, 12), "two.mp4": (0, 4)}
+    assert s.frames_no_face == 2 + 12 + 4  # the real clip's 2 blanks, every left-out frame
+    assert not (tmp_path / "out" / "clips" / "neutral").exists()
+    rows = list(csv.DictReader(s.manifest.open()))
+    assert rows == [{"path": "clips/happy/one", "label": "happy"}]
+    assert s.contact_sheet == tmp_path / "out" / "contact_sheet.png"
+    with Image.open(s.contact_sheet) as sheet:  # one row of 6 crops of 64 px
+        assert sheet.size == (240 + 6 * 68, 72)
+        row = np.asarray(sheet.convert("RGB"))[4:68, 240:304]
+    assert row.std() > 10  # a crop, not the white background
+
+    # the command: nothing but the title sequence -> no clip, one error line, exit 2
+    only = tmp_path / "only"
+    (only / "neutral").mkdir(parents=True)
+    shutil.copy(raw / "neutral" / "title.mp4", only / "neutral" / "title.mp4")
+    monkeypatch.setattr(prepare, "detect_face", _bright_box)
+    assert prepare.main([str(only), str(tmp_path / "out2"), "--size", "32"]) == 2
+    out, err = capsys.readouterr()
+    assert f"left out: {only / 'neutral' / 'title.mp4'}: 2 of 12 frames show a face, needs 6" in out
+    assert err.count("\n") == 1 and "no clip written from the 1 video(s)" in err
+    assert not (tmp_path / "out2" / "contact_sheet.png").exists()

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from hdf.checkpoint import read_checkpoint
 from server.app import open_run, resolve_resume
 from server.selection import select_round
 from simulations.config import compose
@@ -46,46 +48,80 @@ def test_simulation_writes_the_run_folder_contract(tmp_path) -> None:
         assert (run.path / name).exists(), name
     best = json.loads((run.path / "best.json").read_text())
     assert best["round"] == select_round(rows).round
-    assert torch.load(run.path / "best.pt", weights_only=False)["round"] == best["round"]
-    ckpt = torch.load(run.path / "checkpoint.pt", weights_only=False)
+    assert read_checkpoint(run.path / "best.pt")[0]["round"] == best["round"]
+    ckpt, _ = read_checkpoint(run.path)
     assert ckpt["round"] == 2
     assert set(ckpt["strategy"]["lambda"]) == {0, 1, 2}  # keyed by source index
 
 
-@pytest.mark.slow
-def test_resume_equals_uninterrupted(tmp_path) -> None:
-    """Stop after round 1, resume to round 2: bit-identical to 2 rounds in one go (CPU, det.),
-    server optimiser (FedYogi: moments carried in the checkpoint) included."""
-    det = ("deterministic=true", "server_opt.name=yogi", "server_opt.lr=0.01")
-    full_cfg = _cfg(tmp_path, *det, "name=full")
-    full = open_run(full_cfg)
-    simulate(full_cfg, full)
+class Killed(RuntimeError):
+    """The server process dying mid-run."""
 
-    part_cfg = _cfg(tmp_path, *det, "name=part", "rounds=1")
-    part = open_run(part_cfg)
-    simulate(part_cfg, part)
-    resumed_cfg = resolve_resume(_cfg(tmp_path, f"resume={part.path}", "rounds=2"))
-    simulate(resumed_cfg, open_run(resumed_cfg))
 
-    a = torch.load(full.path / "checkpoint.pt", weights_only=False)
-    b = torch.load(part.path / "checkpoint.pt", weights_only=False)
+def _same_run(a_path, b_path) -> None:
+    """Bit-identical final checkpoints and last metrics rows (rounds 0..2 logged once each)."""
+    a, b = (read_checkpoint(p)[0] for p in (a_path, b_path))
     assert a["round"] == b["round"] == 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["strategy"] == b["strategy"]
     opt_a, opt_b = a["server_opt"], b["server_opt"]
-    assert (
-        opt_a["steps"] == opt_b["steps"] == 2 and opt_a["m"] and set(opt_a["v"]) == set(opt_b["v"])
-    )
+    assert opt_a["steps"] == opt_b["steps"] == 2 and opt_a["m"]
+    assert set(opt_a["v"]) == set(opt_b["v"])
     for k in opt_a["m"]:
         np.testing.assert_array_equal(opt_a["m"][k], opt_b["m"][k])
         np.testing.assert_array_equal(opt_a["v"][k], opt_b["v"][k])
     assert not any("running" in k or "num_batches" in k for k in opt_a["m"])  # buffers: the mix
-    rows_a = [json.loads(x) for x in (full.path / "metrics.jsonl").read_text().splitlines()]
-    rows_b = [json.loads(x) for x in (part.path / "metrics.jsonl").read_text().splitlines()]
+    rows_a = [json.loads(x) for x in (a_path / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (b_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows_b] == [0, 1, 2]
     assert rows_a[-1]["train"] == rows_b[-1]["train"]
     assert rows_a[-1]["heldout"] == rows_b[-1]["heldout"]
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch) -> None:
+    """Resume is bit-identical to a run in one go (CPU, deterministic), both ways:
+    a 2-round run that died after round 1, resumed with `resume=` alone, keeps its 2 rounds;
+    a 1-round run extended with an explicit `rounds=2` (its config.yaml then says 2). The
+    server optimiser (FedYogi: moments carried in the checkpoint) is on."""
+    from server.federation import Federation
+
+    det = ("deterministic=true", "server_opt.name=yogi", "server_opt.lr=0.01")
+    full_cfg = _cfg(tmp_path, *det, "name=full")
+    full = open_run(full_cfg)
+    simulate(full_cfg, full)
+
+    # interrupted: the server dies right after checkpointing round 1
+    save = Federation.checkpoint
+
+    def die_after_round_1(self, server_round: int) -> None:
+        save(self, server_round)
+        if server_round == 1:
+            raise Killed("killed after round 1")
+
+    died_cfg = _cfg(tmp_path, *det, "name=died")
+    died = open_run(died_cfg)
+    monkeypatch.setattr(Federation, "checkpoint", die_after_round_1)
+    with pytest.raises(Killed):
+        simulate(died_cfg, died)
+    monkeypatch.setattr(Federation, "checkpoint", save)
+    argv = [f"resume={died.path}"]  # what `python -m simulations.run resume=<folder>` composes
+    resumed = resolve_resume(compose(argv), argv)
+    assert resumed.rounds == 2  # the run's own rounds, not the default config's 20
+    simulate(resumed, open_run(resumed))
+    _same_run(full.path, died.path)
+
+    # extended: 1 round, then rounds=2 given explicitly
+    part_cfg = _cfg(tmp_path, *det, "name=part", "rounds=1")
+    part = open_run(part_cfg)
+    simulate(part_cfg, part)
+    argv = [f"resume={part.path}", "rounds=2"]
+    extended = resolve_resume(_cfg(tmp_path, *argv), argv)
+    simulate(extended, open_run(extended))
+    _same_run(full.path, part.path)
+    saved = yaml.safe_load((part.path / "config.yaml").read_text())
+    assert saved["rounds"] == 2 and saved["resume"] is None
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import pytest
 from flwr.app import ConfigRecord
 
 from hdf import contract as K
+from hdf.torchfile import load_torch_file
 from server.strategy import (
     DRO,
     DROSettings,
@@ -384,7 +385,7 @@ def test_every_strategy_runs_two_rounds_and_resumes(conf: str, tmp_path) -> None
         assert set(weights) == {0, 1, 2} and sum(weights.values()) == pytest.approx(1.0)
     torch.save(s.state_dict(), tmp_path / "state.pt")
     t = build()
-    t.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    t.load_state_dict(load_torch_file(tmp_path / "state.pt", "a strategy's own state"))
     t.current_arrays = s.current_arrays = arrays
     replies = [train_reply(n, _arrays(0.05 * (n - 9)), source=n - 10) for n in (10, 11, 12)]
     for x in (s, t):

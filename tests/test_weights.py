@@ -120,5 +120,5 @@ def test_a_file_that_is_not_a_state_dict_is_explained(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="not a state_dict"):
         build_model(_cfg(weights=str(path)), T, SIZE)
     path.write_bytes(b"not a torch file")
-    with pytest.raises(WeightsError, match="cannot read weights file"):
+    with pytest.raises(WeightsError, match="not a readable torch file"):
         build_model(_cfg(weights=str(path)), T, SIZE)

@@ -1,4 +1,4 @@
-"""Face detection and cropping for `simulations.prepare`, with a detector that needs no download.
+"""Face detection, the face policy and cropping shared by `simulations.prepare` and `predict`.
 
 Uses OpenCV's bundled Haar frontal-face cascade (`cv2.data.haarcascades`, shipped in the
 opencv-python(-headless) 4.x wheels). OpenCV 5 wheels no longer ship the cascades nor
@@ -10,7 +10,10 @@ folders or given via the environment variable HDF_FACE_CASCADE and a contrib bui
 from __future__ import annotations
 
 import functools
+import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 Box = tuple[int, int, int, int]  # x, y, width, height in pixels
+Detector = Callable[..., "Box | None"]  # detect_face(frame, min_size) or a stand-in
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
 _SYSTEM_DIRS = ("/usr/share/opencv4/haarcascades", "/usr/share/opencv/haarcascades")
 
@@ -108,3 +112,64 @@ def crop_face(frame: np.ndarray, box: Box, margin: float = 0.25, size: int = 112
         x0, y0 = x0 + pad, y0 + pad
     crop = frame[y0 : y0 + side, x0 : x0 + side]
     return np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def downscale(frame: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+    """The frame with its shorter side at most `side`, and the factor back to the original."""
+    h, w = frame.shape[:2]
+    s = min(h, w)
+    if s <= side:
+        return frame, 1.0
+    f = s / side
+    img = Image.fromarray(frame).resize((round(w / f), round(h / f)), Image.Resampling.BILINEAR)
+    return np.asarray(img), f
+
+
+def scale_box(box: Box | None, f: float) -> Box | None:
+    """A box found on a frame downscaled by `f`, in the original frame's pixels."""
+    return (
+        None
+        if box is None
+        else (round(box[0] * f), round(box[1] * f), round(box[2] * f), round(box[3] * f))
+    )
+
+
+@dataclass(frozen=True)
+class FacePolicy:
+    """Which frames show a face and when a clip has enough of them: one rule for both commands.
+
+    `prepare` (what a site trains on) and `predict` (what a model is shown) apply the same rule,
+    so a clip is trained on exactly when predict would classify it. Detection runs on the frame
+    downscaled to `work_side` (speed; the cascade's result depends on the scale) and keeps the
+    largest face at least `min_size` of the shorter side. A clip of n frames (prepare: the frames
+    read from a video; predict: one window of T frames) needs at least
+    ``max(ceil(min_face_frac * n), min_face_frames)`` face frames; fewer, and it is left out of
+    the manifest (and counted) or reported as no-face. Sporadic false detections (texture, title
+    lettering) are rarely half of a clip's frames, and a clip of one or two stray detections would
+    be mostly repeated frames once sampled to T.
+    """
+
+    min_face_frac: float = 0.5  # share of a clip's frames that must show a face
+    min_face_frames: int = 3  # and at least this many frames
+    min_size: float = 0.1  # smallest face side, as a fraction of the frame's shorter side
+    work_side: int = 480  # frames are downscaled to this shorter side before detection
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_face_frac <= 1:
+            raise ValueError(f"--min-face-frac={self.min_face_frac}: give a share in (0, 1]")
+        if self.min_face_frames < 1:
+            raise ValueError(f"--min-face-frames={self.min_face_frames}: give at least 1")
+
+    def needed(self, frames: int) -> int:
+        """Face frames a clip of `frames` frames needs to be used."""
+        return max(math.ceil(self.min_face_frac * frames), self.min_face_frames)
+
+    def enough(self, face_frames: int, frames: int) -> bool:
+        return face_frames >= self.needed(frames)
+
+    def detect(
+        self, frame: np.ndarray, detector: Detector = detect_face
+    ) -> tuple[np.ndarray, float, Box | None]:
+        """(the work frame, its factor back to the original, the face box on the work frame)."""
+        work, f = downscale(frame, self.work_side)
+        return work, f, detector(work, self.min_size)

@@ -81,6 +81,10 @@ class MultiSources(SourceSet):
             names = [f"{a}/{s.name}" for a, srcs in self.parts.items() for s in srcs]
         self.names = select_sources(names, cfg.get("sources"))
 
+    @property
+    def cheap_splits(self) -> bool:  # type: ignore[override]
+        return all(s.dataset.cheap_splits for srcs in self.parts.values() for s in srcs)
+
     def source_names(self) -> list[str]:
         return list(self.names)
 

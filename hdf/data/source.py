@@ -76,7 +76,14 @@ class ConcatClipDataset(ClipDataset):
 
 
 class SourceSet(ABC):
-    """One registered dataset kind: knows its source names and loads one split of one source."""
+    """One registered dataset kind: knows its source names and loads one split of one source.
+
+    `cheap_splits` says that loading a split only reads file lists (decoding happens per item), so
+    a run checks every split it needs before it starts; a kind whose splits are generated (the
+    synthetic benchmark: seconds to minutes each, never empty) sets it False.
+    """
+
+    cheap_splits: bool = True
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         self.cfg = cfg
@@ -105,9 +112,16 @@ class Source:
         if split not in self._cache:
             ds = self.dataset.load_split(self.name, split, self.index)
             if len(ds) == 0:
+                missing = list(getattr(ds, "missing_paths", []))
+                why = (
+                    f": all {len(missing)} clip(s) it lists are missing on disk (first: "
+                    f"{missing[0]}); fix data.root or the listed paths"
+                    if missing
+                    else "; check the data config (root, split files, source rule)"
+                )
                 raise ValueError(
-                    f"source {self.name!r} has no clips in its {split!r} split; check the data "
-                    f"config (root, split files, source rule) or drop the source from the run"
+                    f"source {self.name!r} has no clips in its {split!r} split{why}, or drop the "
+                    "source from the run (data.sources / data.heldout)"
                 )
             self._cache[split] = ds
         return self._cache[split]

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hdf.torchfile import UnreadableFileError, UnsafeFileError, load_torch_file
+
 _SHOW = 5  # mismatched keys listed per kind in an error
 _FULL_MODEL_PREFIXES = ("backbone.", "dam.", "head.")
 _FIX = (
@@ -32,12 +34,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "model.weights=null."
         )
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsError(
-            f"cannot read weights file {file}: {type(err).__name__}: {err}. Fix: save it with "
-            "torch.save(model.state_dict(), path) (tensors only, loadable with weights_only=True)."
-        ) from err
+        obj = load_torch_file(
+            file,
+            "Fix: save it with torch.save(model.state_dict(), path) (tensors only), or set "
+            "model.weights=null.",
+        )
+    except (UnsafeFileError, UnreadableFileError) as err:
+        raise WeightsError(f"model.weights: {err}") from None
     for key in ("model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]

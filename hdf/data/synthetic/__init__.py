@@ -67,6 +67,8 @@ def load_or_generate(
 class SyntheticSources(SourceSet):
     """The synthetic sources named by ``data.sources`` (default: every default preset, in order)."""
 
+    cheap_splits = False  # splits are generated (slow) and never empty
+
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
         names = cfg.get("sources") or list(DEFAULT_SOURCES)
