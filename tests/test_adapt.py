@@ -43,10 +43,12 @@ class NoLabels(Dataset):
 
 
 class Tiny(nn.Module):
-    """1x1x1 conv -> BatchNorm -> mean pool -> head: BN's input is easy to compute by hand."""
+    """dropout -> 1x1x1 conv -> BatchNorm -> mean pool -> head: BN's input is easy to compute
+    by hand (the dropout must stay off while adapting)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.drop = nn.Dropout(0.5)
         self.conv = nn.Conv3d(3, 2, 1, bias=False)
         self.bn = nn.BatchNorm3d(2)
         self.head = nn.Linear(2, 7)
@@ -55,7 +57,7 @@ class Tiny(nn.Module):
         return clips.float().div(255).permute(0, 2, 1, 3, 4)  # B x C x T x H x W
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.bn(self.conv(x)).mean(dim=(2, 3, 4))
+        f = self.bn(self.conv(self.drop(x))).mean(dim=(2, 3, 4))
         return self.head(f), f
 
 
@@ -78,6 +80,7 @@ def test_adabn_statistics_by_hand_and_nothing_else_changes() -> None:
     with torch.no_grad():
         model.bn.running_mean.fill_(5.0)
         model.bn.running_var.fill_(7.0)
+        model.bn.num_batches_tracked.fill_(10)
         model.bn.weight.mul_(1.5)
     params = {k: p.detach().clone() for k, p in model.named_parameters()}
     clips = _clips(6)
