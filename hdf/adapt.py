@@ -222,12 +222,42 @@ def adapt(
     }
 
 
+def evaluate_adapted(
+    model: nn.Module,
+    dataset: Dataset,
+    method: str,
+    device: torch.device,
+    settings: AdaptSettings | None = None,
+    *,
+    batch_size: int = 64,
+    precision: str = "auto",
+) -> dict[str, Any]:
+    """`hdf.evaluate.evaluate` of `model` after adapting it with `method` on `dataset`'s clips.
+
+    The adaptation sees only `unlabeled_batches(dataset)`; the labels are read afterwards, by the
+    scoring. `model` is left as it was given (its state is restored after scoring), so a caller
+    can score several methods from the same received weights.
+    """
+    from hdf.evaluate import evaluate
+
+    s = settings or AdaptSettings()
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        adapt(
+            model, unlabeled_batches(dataset, s.batch_size), method, device, s, precision=precision
+        )
+        return evaluate(model, dataset, device, batch_size=batch_size, precision=precision)
+    finally:
+        model.load_state_dict(saved)
+
+
 __all__ = [
     "METHODS",
     "AdaptSettings",
     "ClipsOnly",
     "adapt",
     "check_methods",
+    "evaluate_adapted",
     "recompute_bn_stats",
     "tent",
     "unlabeled_batches",

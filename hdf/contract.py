@@ -38,3 +38,10 @@ NUM_PARTITIONS = "num-partitions"  # query reply: simulated federation size (0 w
 FEDBN = "fedbn"  # config, 1: keep normalization layers local (FedBN); see client/app.py
 FEDBN_STATE = "fedbn-norm"  # context.state ArrayRecord: this site's own normalization layers
 LOCAL_VAL_LOSS = "local-val-loss"  # optional: the trained local model's validation loss (FedDG-GA)
+ADAPTED_PREFIX = "adapted-"  # evaluate reply of a held-out site: scores after test-time adaptation
+
+
+def adapted_key(method: str, key: str) -> str:
+    """Metric key of `key` (e.g. `uar`, `recall-3`) scored after adaptation `method`:
+    "adapted-bn-uar". Method names hold no "-" (hdf.adapt.METHODS)."""
+    return f"{ADAPTED_PREFIX}{method}-{key}"
