@@ -4,10 +4,13 @@
     python -m simulations.loso experiment=loso_compare           # the sized comparison preset
     python -m simulations.loso loso.strategies=[fedavg,dro,centralized,local] loso.seeds=[0,1,2]
     python -m simulations.loso loso.heldout=[phone,cctv] rounds=5
+    python -m simulations.loso experiment=loso_hdf_ablation      # HDF vs base x FedAvg vs DRO
 
 `loso.*` settings choose the sweep (they may also sit in an experiment file under `loso:`); every
 other override is passed to each run. `loso.strategies` names files of `conf/strategy/`, plus
-`centralized` (the pooled baseline, `simulations.centralized`).
+`centralized` (the pooled baseline, `simulations.centralized`). `loso.variants`, a mapping
+{name: [overrides]}, runs every strategy once per variant with that variant's overrides; the
+entries are then named `strategy@variant` (e.g. `dro@base`) and compared with `fedavg@variant`.
 
 Runs go one after another (`loso.jobs=N`: N at once), each in its own process (a fresh Ray and
 a fresh ClientApp cache), its output captured in `<run>/log.txt`. The sweep folder is named by a
@@ -47,6 +50,7 @@ LOSO_DEFAULTS: dict[str, Any] = {
     "heldout": None,  # null = every source of the data config, one at a time
     "root": None,  # null = <output.root>/loso
     "jobs": 1,  # runs at once, each its own process (2 on 2 cores fills start-up and idle gaps)
+    "variants": None,  # null, or {name: [overrides]}: every strategy once per variant
 }
 CENTRALIZED = "centralized"
 RUN_INFO = "loso.json"
@@ -61,11 +65,16 @@ def _hash(items: Sequence[str], n: int = 10) -> str:
 class RunSpec:
     """One federation of the sweep."""
 
-    strategy: str
+    strategy: str  # the sweep entry: a strategy file name, or "strategy@variant"
     heldout: str
     seed: int
     overrides: list[str]
     path: Path
+    conf: str = ""  # the strategy file (or "centralized") when `strategy` names a variant
+
+    @property
+    def strategy_conf(self) -> str:
+        return self.conf or self.strategy
 
     @property
     def done(self) -> bool:
@@ -112,6 +121,7 @@ def plan(argv: Sequence[str]) -> Sweep:
                 f"loso.heldout names {h!r}, not a source of data={cfg.data.name}: {names}"
             )
     strategies = [str(s) for s in settings["strategies"]]
+    variants = parse_variants(settings["variants"])
     known = {p.stem for p in (Path(__file__).parent / "conf" / "strategy").glob("*.yaml")}
     for s in strategies:
         if s not in known | {CENTRALIZED}:
@@ -120,26 +130,58 @@ def plan(argv: Sequence[str]) -> Sweep:
     jobs = int(settings["jobs"])
     if jobs < 1:
         raise ValueError(f"loso.jobs={jobs}: give at least 1 (runs at once)")
+    entries = [
+        (f"{s}@{v}" if v else s, s, extra)
+        for s in strategies
+        for v, extra in (variants.items() if variants else [("", [])])
+    ]
     sweep = Sweep(
         root / f"loso-{_hash(base)}",
         base,
-        strategies,
+        [label for label, _, _ in entries],
         [int(x) for x in settings["seeds"]],
         heldout,
         jobs=jobs,
     )
     for h in heldout:
-        for strategy in strategies:
+        for label, strategy, extra in entries:
             for seed in sweep.seeds:
-                own = [f"data.heldout=[{h}]", f"seed={seed}", f"name=loso-{strategy}-{h}-s{seed}"]
+                tag = label.replace("@", "-")
+                own = [f"data.heldout=[{h}]", f"seed={seed}", f"name=loso-{tag}-{h}-s{seed}"]
                 if strategy != CENTRALIZED:
                     own.insert(0, f"strategy={strategy}")
-                overrides = [*base, *own]
-                folder = f"{strategy}-{h}-s{seed}-{_hash([strategy, *overrides], 8)}"
+                overrides = [*base, *extra, *own]
+                folder = f"{tag}-{h}-s{seed}-{_hash([label, *overrides], 8)}"
                 sweep.runs.append(
-                    RunSpec(strategy, h, seed, overrides, sweep.path / "runs" / folder)
+                    RunSpec(
+                        label,
+                        h,
+                        seed,
+                        overrides,
+                        sweep.path / "runs" / folder,
+                        conf="" if label == strategy else strategy,
+                    )
                 )
     return sweep
+
+
+def parse_variants(given: Any) -> dict[str, list[str]]:
+    """`loso.variants` checked: {name: [override, ...]} (null: no variants)."""
+    if not given:
+        return {}
+    if not isinstance(given, dict):
+        raise ValueError(
+            f"loso.variants={given!r}: give a mapping {{name: [overrides]}}, e.g. "
+            "{hdf: [], base: [sam.enabled=false]}"
+        )
+    out = {}
+    for name, overrides in given.items():
+        if not str(name).replace("_", "").isalnum():
+            raise ValueError(f"loso.variants name {name!r}: use letters, digits and _ only")
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise ValueError(f"loso.variants.{name}={overrides!r}: give a list of overrides")
+        out[str(name)] = list(overrides)
+    return out
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -150,7 +192,7 @@ def launch_subprocess(run: RunSpec) -> int:
         "-m",
         "simulations.loso",
         "--worker",
-        run.strategy,
+        run.strategy_conf,
         str(run.path),
         *run.overrides,
     ]
@@ -290,12 +332,42 @@ def summarize(sweep: Sweep) -> tuple[dict[str, Any], dict[str, Any]]:
             "worst_train_uar": float(np.mean(worst_train)) if worst_train else None,
             "mean_train_uar": float(np.mean(mean_train)) if mean_train else None,
         }
+        adapted = summarize_adapted(runs)
+        if adapted:
+            summary[strategy]["adapted"] = adapted
         details[strategy] = {
             "runs": len(runs),
             "train_by_source": {k: float(np.mean(v)) for k, v in train_by_source.items()},
             "wall_seconds": float(np.sum(seconds)),
         }
     return summary, details
+
+
+def summarize_adapted(runs: list[RunSpec]) -> dict[str, Any]:
+    """{method: {"heldout": {source: {uar_mean, uar_std, war_mean, war_std}}, mean_heldout_uar,
+    worst_heldout_uar}}: the held-out scores after test-time adaptation (`heldout_adapted` of
+    each run's last row, `server.heldout_adapt`), aggregated as the plain ones are."""
+    scores: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for r in runs:
+        rows = _rows(r)
+        for method, by_source in (rows[-1].get("heldout_adapted", {}) if rows else {}).items():
+            if r.heldout in by_source:
+                v = by_source[r.heldout]
+                scores.setdefault(method, {}).setdefault(r.heldout, []).append((v["uar"], v["war"]))
+    out: dict[str, Any] = {}
+    for method, by_source in scores.items():
+        held = {}
+        for h, pairs in by_source.items():
+            um, us = _mean_std([u for u, _ in pairs])
+            wm, ws = _mean_std([w for _, w in pairs])
+            held[h] = {"uar_mean": um, "uar_std": us, "war_mean": wm, "war_std": ws}
+        means = [v["uar_mean"] for v in held.values()]
+        out[method] = {
+            "heldout": held,
+            "mean_heldout_uar": float(np.mean(means)),
+            "worst_heldout_uar": float(np.min(means)),
+        }
+    return out
 
 
 # ---- plots and report ----------------------------------------------------------------------
@@ -364,10 +436,22 @@ GOAL_POINTS = 3.0  # issue 5: DRO lifts both worst-source UARs by this much over
 GOAL_MEAN_DROP = 1.0  # ... without lowering the held-out mean by more than this
 
 
+def _strategy_of(entry: str) -> str:
+    """The strategy of a sweep entry ("dro@base" -> "dro")."""
+    return entry.split("@", 1)[0]
+
+
+def _fedavg_of(entry: str) -> str:
+    """The FedAvg entry an entry is compared with: of the same variant ("dro@base" ->
+    "fedavg@base")."""
+    _, at, variant = entry.partition("@")
+    return f"fedavg{at}{variant}"
+
+
 def _against_fedavg(summary: dict[str, Any]) -> list[str]:
-    """Report lines: each strategy's difference to FedAvg in UAR points, and the goal's verdict."""
-    base = summary.get("fedavg")
-    if base is None or len(summary) < 2:
+    """Report lines: each strategy's difference to FedAvg (of its own variant, if any) in UAR
+    points, and the goal's verdict."""
+    if not any(_strategy_of(k) == "fedavg" for k in summary) or len(summary) < 2:
         return []
     keys = ("worst_heldout_uar", "worst_train_uar", "mean_heldout_uar", "mean_train_uar")
     lines = [
@@ -382,7 +466,10 @@ def _against_fedavg(summary: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for strategy, s in summary.items():
-        if strategy == "fedavg" or any(s.get(k) is None or base.get(k) is None for k in keys):
+        base = summary.get(_fedavg_of(strategy))
+        if _strategy_of(strategy) == "fedavg" or base is None:
+            continue
+        if any(s.get(k) is None or base.get(k) is None for k in keys):
             continue
         d = {k: 100 * (s[k] - base[k]) for k in keys}
         met = (
@@ -392,6 +479,41 @@ def _against_fedavg(summary: dict[str, Any]) -> list[str]:
         )
         cells = " | ".join(f"{d[k]:+.1f}" for k in keys)
         lines.append(f"| {strategy} | {cells} | {'yes' if met else 'no'} |")
+    return lines
+
+
+def _adapted_lines(heldout: list[str], summary: dict[str, Any]) -> list[str]:
+    """Report lines: held-out UAR with and without test-time adaptation, per strategy."""
+    if not any(s.get("adapted") for s in summary.values()):
+        return []
+    lines = [
+        "",
+        "## Held-out sources after test-time adaptation",
+        "",
+        "Each held-out source scored after adapting the last round's model on its own unlabeled "
+        "test clips (`server.heldout_adapt`; `none` is the plain score above). UAR in %, mean ± "
+        "std over seeds; the last column is the worst held-out UAR minus that of `none`, in "
+        "points.",
+        "",
+        "| strategy | adaptation | "
+        + " | ".join(heldout)
+        + " | mean UAR | worst UAR | worst vs none |",
+        "|---" * (len(heldout) + 5) + "|",
+    ]
+    for strategy, s in summary.items():
+        if not s.get("adapted"):
+            continue
+        for method, a in [("none", s), *s["adapted"].items()]:
+            cells = [
+                "-" if h not in a["heldout"] else
+                f"{_pct(a['heldout'][h]['uar_mean'])} ± {_pct(a['heldout'][h]['uar_std'])}"
+                for h in heldout
+            ]  # fmt: skip
+            gain = 100 * (a["worst_heldout_uar"] - s["worst_heldout_uar"])
+            lines.append(
+                f"| {strategy} | {method} | " + " | ".join(cells) + f" | "
+                f"{_pct(a['mean_heldout_uar'])} | {_pct(a['worst_heldout_uar'])} | {gain:+.1f} |"
+            )
     return lines
 
 
@@ -454,6 +576,7 @@ def write_report(sweep: Sweep) -> Path:
             f"{d['wall_seconds']:.0f} |"
         )
     lines += _against_fedavg(summary)
+    lines += _adapted_lines(sweep.heldout, summary)
     failed = [r for r in sweep.runs if not r.done]
     if failed:
         lines += ["", "## Runs not finished", ""]
@@ -466,7 +589,8 @@ def write_report(sweep: Sweep) -> Path:
         lines += ["![held-out UAR over rounds](heldout_uar.png)", ""]
     for strategy in sweep.strategies:
         run = _first_done(sweep, strategy)
-        if run is None or strategy in (CENTRALIZED, "fedavg", "fedprox", "fedbn", "local"):
+        no_lambda = (CENTRALIZED, "fedavg", "fedprox", "fedbn", "local")
+        if run is None or _strategy_of(strategy) in no_lambda:
             continue
         png = f"lambda_{strategy}.png"
         plot_lambda(run, sweep.path / png)

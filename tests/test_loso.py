@@ -13,8 +13,10 @@ BASE = ["data.sources=[studio,webcam,movie]"]
 EMPTY_CM = [[0] * 7 for _ in range(7)]
 
 
-def _fake_launcher(uar: dict[tuple[str, str, int], float], calls: list):
-    """Writes a 2-row metrics.jsonl and the done marker instead of running a federation."""
+def _fake_launcher(uar: dict[tuple[str, str, int], float], calls: list, adapted: bool = False):
+    """Writes a 2-row metrics.jsonl and the done marker instead of running a federation; with
+    `adapted`, rows also hold held-out scores after AdaBN (UAR + .2) and TENT (UAR + .1 on the
+    first held-out source only)."""
 
     def launch(run: loso.RunSpec) -> int:
         calls.append((run.strategy, run.heldout, run.seed))
@@ -35,6 +37,16 @@ def _fake_launcher(uar: dict[tuple[str, str, int], float], calls: list):
             }
             for r in (0, 1)
         ]
+        if adapted:
+            for row in rows:
+                u_r = row["heldout"][run.heldout]["uar"]
+                row["heldout_adapted"] = {
+                    "bn": {run.heldout: {"uar": u_r + 0.2, "war": u_r, "confusion": EMPTY_CM}}
+                }
+                if run.heldout == SOURCES[0]:
+                    row["heldout_adapted"]["tent"] = {
+                        run.heldout: {"uar": u_r + 0.1, "war": u_r, "confusion": EMPTY_CM}
+                    }
         (run.path / METRICS_FILE).write_text("".join(json.dumps(x) + "\n" for x in rows))
         (run.path / DONE_FILE).write_text("done\n")
         return 0
@@ -142,6 +154,73 @@ def test_jobs_run_that_many_at_once(tmp_path) -> None:
     assert loso.main(argv, launcher=paired) == 0
     assert sorted(calls) == sorted(uar)
     assert json.loads((loso.plan(argv).path / "summary.json").read_text())["dro"]
+
+
+def test_report_shows_heldout_scores_with_and_without_adaptation(tmp_path) -> None:
+    """fedavg, 3 held-out sources, seeds 0 and 1 with UAR .4 and .6 (mean .5 each): AdaBN adds
+    .2 to every last-round score, so its per-source means are .7, mean .7, worst .7, +20 points
+    on the worst; TENT scored only studio (.6). The plain summary is unchanged."""
+    uar = {("fedavg", h, s): 0.4 + 0.2 * s for h in SOURCES for s in (0, 1)}
+    argv = [*BASE, f"loso.root={tmp_path}", "loso.strategies=[fedavg]", "loso.seeds=[0,1]"]
+    assert loso.main(argv, launcher=_fake_launcher(uar, [], adapted=True)) == 0
+    sweep = loso.plan(argv)
+    f = json.loads((sweep.path / "summary.json").read_text())["fedavg"]
+    assert f["mean_heldout_uar"] == pytest.approx(0.5)
+    bn = f["adapted"]["bn"]
+    assert bn["heldout"]["webcam"] == pytest.approx(
+        {"uar_mean": 0.7, "uar_std": 0.1, "war_mean": 0.5, "war_std": 0.1}
+    )
+    assert bn["mean_heldout_uar"] == pytest.approx(0.7)
+    assert bn["worst_heldout_uar"] == pytest.approx(0.7)
+    assert set(f["adapted"]["tent"]["heldout"]) == {"studio"}
+    report = (sweep.path / "report.md").read_text()
+    assert "## Held-out sources after test-time adaptation" in report
+    assert (
+        "| fedavg | none | 50.0 ± 10.0 | 50.0 ± 10.0 | 50.0 ± 10.0 | 50.0 | 50.0 | +0.0 |" in report
+    )
+    assert (
+        "| fedavg | bn | 70.0 ± 10.0 | 70.0 ± 10.0 | 70.0 ± 10.0 | 70.0 | 70.0 | +20.0 |" in report
+    )
+    assert "| fedavg | tent | 60.0 ± 10.0 | - | - | 60.0 | 60.0 | +10.0 |" in report
+
+
+def test_variants_cross_strategies_and_compare_within_a_variant(tmp_path) -> None:
+    """variants {hdf: [], base: [sam.enabled=false]} x [fedavg, dro]: four entries, each run
+    with its variant's overrides, each strategy file run by the worker. dro@base (UAR .3) is
+    compared with fedavg@base (.2): +10 points, not with fedavg@hdf (.5)."""
+    variants = "loso.variants={hdf: [], base: [sam.enabled=false]}"
+    argv = [*BASE, f"loso.root={tmp_path}", "loso.heldout=[movie]", variants]
+    sweep = loso.plan(argv)
+    assert sweep.strategies == ["fedavg@hdf", "fedavg@base", "dro@hdf", "dro@base"]
+    by = {r.strategy: r for r in sweep.runs}
+    assert by["dro@base"].strategy_conf == "dro" and "strategy=dro" in by["dro@base"].overrides
+    assert "sam.enabled=false" in by["dro@base"].overrides
+    assert "sam.enabled=false" not in by["dro@hdf"].overrides
+    assert by["fedavg@hdf"].strategy_conf == "fedavg"
+    uar = {("fedavg@hdf", "movie", 0): 0.5, ("dro@hdf", "movie", 0): 0.6}
+    uar |= {("fedavg@base", "movie", 0): 0.2, ("dro@base", "movie", 0): 0.3}
+    assert loso.main(argv, launcher=_fake_launcher(uar, [])) == 0
+    report = (sweep.path / "report.md").read_text()
+    assert "| dro@base | +10.0 | +10.0 | +10.0 | +10.0 | yes |" in report
+    assert "| dro@hdf | +10.0 | +10.0 | +10.0 | +10.0 | yes |" in report
+    with pytest.raises(ValueError, match=r"loso\.variants"):
+        loso.plan([*BASE, "loso.variants=[a,b]"])
+    with pytest.raises(ValueError, match=r"loso\.variants\.base=.*list of overrides"):
+        loso.plan([*BASE, "loso.variants={base: sam.enabled=false}"])
+
+
+def test_hdf_ablation_preset_switches_dam_dsm_and_sam_off_in_the_base_variant() -> None:
+    from simulations.config import compose
+
+    sweep = loso.plan(["experiment=loso_hdf_ablation"])
+    assert sweep.strategies == ["fedavg@hdf", "fedavg@base", "dro@hdf", "dro@base"]
+    assert len(sweep.seeds) >= 5
+    hdf = compose(next(r for r in sweep.runs if r.strategy == "dro@hdf").overrides)
+    base = compose(next(r for r in sweep.runs if r.strategy == "dro@base").overrides)
+    assert hdf.model.dam.enabled and hdf.sam.enabled and hdf.dsm.supcon and hdf.dsm.balance
+    assert not (base.model.dam.enabled or base.sam.enabled)
+    assert not (base.dsm.supcon or base.dsm.ib or base.dsm.balance) and base.dsm.alpha == 1.0
+    assert base.strategy.name == hdf.strategy.name == "dro" and base.rounds == hdf.rounds
 
 
 @pytest.mark.slow
