@@ -113,3 +113,22 @@ def test_heldout_site_sends_adapted_scores_and_nothing_else(cfg) -> None:
     msg, _ = _message(run, MessageType.EVALUATE)
     train_site = app(msg, _context({"partition-id": 0, "num-partitions": 2})).content[K.METRICS]
     assert not any(k.startswith(K.ADAPTED_PREFIX) for k in train_site)
+
+
+def test_the_runs_weight_decay_reaches_the_clients_optimizer(cfg, monkeypatch) -> None:
+    """Regularisation for DRO runs (issue 14): `train.weight_decay` set on the run is what every
+    client's AdamW uses (the run config travels in each train message)."""
+    import torch
+
+    used = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            used.append(kw["weight_decay"])
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    run = compose(["experiment=tiny", f"data.root={cfg.data.root}", "train.weight_decay=0.37"])
+    msg, _ = _message(run, MessageType.TRAIN)
+    app(msg, _context({"partition-id": 0, "num-partitions": 2}))
+    assert used == [0.37]
