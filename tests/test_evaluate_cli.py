@@ -177,24 +177,27 @@ def test_bad_checkpoints_are_named(run_dir: Path, tmp_path: Path, capsys) -> Non
 
 @pytest.mark.slow
 def test_reproduces_a_real_tiny_run(tmp_path: Path) -> None:
-    """A real `simulations.run experiment=tiny`: evaluate gives its last held-out numbers."""
+    """A real `simulations.run experiment=tiny` with AdaBN held-out scoring: evaluate gives its
+    last held-out numbers, plain and with `--adapt bn`."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     common = [f"data.root={tmp_path}/cache", "device=cpu"]
     run = subprocess.run(
         [sys.executable, "-m", "simulations.run", "experiment=tiny", *common,
-         f"output.root={tmp_path}/runs"],
+         f"output.root={tmp_path}/runs", "server.heldout_adapt=[none,bn]"],
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     folder = Path(run.stdout.strip().splitlines()[-1])
-    ev = subprocess.run(
-        [sys.executable, "-m", "simulations.evaluate", str(folder), "device=cpu"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
-    summary = _last_json(ev.stdout)
-    logged = RunFolder(folder).read_metrics()[-1]["heldout"]
-    assert logged and set(summary["per_source"]) == set(logged)
-    for name, v in logged.items():
-        assert summary["per_source"][name]["uar"] == pytest.approx(v["uar"], abs=1e-9)
-        assert summary["per_source"][name]["war"] == pytest.approx(v["war"], abs=1e-9)
+    row = RunFolder(folder).read_metrics()[-1]
+    for adapt, logged in [("none", row["heldout"]), ("bn", row["heldout_adapted"]["bn"])]:
+        ev = subprocess.run(
+            [sys.executable, "-m", "simulations.evaluate", str(folder), "device=cpu",
+             "--adapt", adapt],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
+        summary = _last_json(ev.stdout)
+        assert logged and set(summary["per_source"]) == set(logged)
+        for name, v in logged.items():
+            assert summary["per_source"][name]["uar"] == pytest.approx(v["uar"], abs=1e-9)
+            assert summary["per_source"][name]["war"] == pytest.approx(v["war"], abs=1e-9)
