@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -21,6 +22,7 @@ from client.optimizer_state import (
 )
 from client.site import Site, get_site
 from hdf import contract as K
+from hdf.adapt import AdaptSettings, check_methods, evaluate_adapted
 from hdf.classes import NUM_CLASSES
 from hdf.evaluate import evaluate as evaluate_model
 from hdf.models.hdf_net import NORM_PARTS, norm_state_keys
@@ -147,32 +149,54 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the received model on this site's validation split (held-out sites: test)."""
+    """Score the received model on this site's validation split (held-out sites: test).
+
+    A held-out (evaluation-only) site also scores the model after adapting it on its own
+    unlabeled clips with each method of the run's `server.heldout_adapt` (`hdf.adapt`); only
+    the scores go back (keys `adapted-<method>-...`), never the adapted weights.
+    """
     site, config = _site(msg, context)
     site.model.load_state_dict(msg.content[K.ARRAYS].to_torch_state_dict())
     if local_norm_mode(config) is not None and not site.heldout:
         restore_local_norm(site.model, context)
     split = "test" if site.heldout else str(config.get(K.SPLIT, "val"))
     data = site.source.split(split)
+    cfg = site.cfg
+    batch_size, precision = int(cfg.eval.batch_size), str(cfg.precision)
     stats = evaluate_model(
-        site.model,
-        data,
-        site.device,
-        batch_size=int(site.cfg.eval.batch_size),
-        precision=str(site.cfg.precision),
+        site.model, data, site.device, batch_size=batch_size, precision=precision
     )
     metrics: dict[str, int | float] = {
         K.NUM_EXAMPLES: int(stats["num_examples"]),
         K.SOURCE_INDEX: site.source.index,
-        K.LOSS: float(stats["loss"]),
-        K.UAR: float(stats["uar"]),
-        K.WAR: float(stats["war"]),
+        **score_metrics(stats),
     }
-    # Per-class recall; -1 marks a class absent from this split (MetricRecords hold numbers).
+    if site.heldout:
+        settings = AdaptSettings.from_config(cfg.get("adapt"))
+        for method in check_methods(cfg.server.get("heldout_adapt") or []):
+            adapted = evaluate_adapted(
+                site.model,
+                data,
+                method,
+                site.device,
+                settings,
+                batch_size=batch_size,
+                precision=precision,
+            )
+            metrics.update(score_metrics(adapted, K.adapted_key(method, "")))
+    return Message(content=RecordDict({K.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def score_metrics(stats: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Loss, UAR, WAR and per-class recall as metric keys (-1 marks a class absent from the
+    split: MetricRecords hold numbers only)."""
+    out = {prefix + K.LOSS: float(stats["loss"])}
+    out[prefix + K.UAR] = float(stats["uar"])
+    out[prefix + K.WAR] = float(stats["war"])
     for c in range(NUM_CLASSES):
         r = stats["recall"][c]
-        metrics[f"{K.RECALL_PREFIX}{c}"] = -1.0 if math.isnan(r) else float(r)
-    return Message(content=RecordDict({K.METRICS: MetricRecord(metrics)}), reply_to=msg)
+        out[f"{prefix}{K.RECALL_PREFIX}{c}"] = -1.0 if math.isnan(r) else float(r)
+    return out
 
 
 @app.query()

@@ -40,3 +40,10 @@ LOCAL_NORM_STATE = "local-norm"  # context.state ArrayRecord: this site's own no
 LOCAL_VAL_LOSS = "local-val-loss"  # optional: the trained local model's validation loss (FedDG-GA)
 OPTIMIZER_STATE = "optimizer-state"  # context.state ArrayRecord: this site's optimiser state
 OPTIMIZER_META = "optimizer-meta"  # context.state ConfigRecord: the round, run and kind it is from
+ADAPTED_PREFIX = "adapted-"  # evaluate reply of a held-out site: scores after test-time adaptation
+
+
+def adapted_key(method: str, key: str) -> str:
+    """Metric key of `key` (e.g. `uar`, `recall-3`) scored after adaptation `method`:
+    "adapted-bn-uar". Method names hold no "-" (hdf.adapt.METHODS)."""
+    return f"{ADAPTED_PREFIX}{method}-{key}"

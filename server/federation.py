@@ -8,6 +8,7 @@ a checkpoint, round-0 evaluation and per-source logging possible (Flower has no 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from hdf import contract as K
+from hdf.adapt import check_methods
 from hdf.classes import NUM_CLASSES
 from hdf.data import build_sources, split_sources
 from hdf.device import seed_everything
@@ -80,6 +82,49 @@ def discover_nodes(
         time.sleep(1.0)
 
 
+def eval_row(metrics: dict[str, float], prefix: str = "") -> dict[str, Any] | None:
+    """A source's evaluate reply as a metrics.jsonl row (loss, uar, war, recall; -1 recall is an
+    absent class); `prefix` selects the adapted scores. None when the reply lacks them or they
+    are out of range (a reply is untrusted)."""
+    try:
+        row = {k: float(metrics[prefix + k]) for k in (K.LOSS, K.UAR, K.WAR)}
+        recall = [float(metrics[f"{prefix}{K.RECALL_PREFIX}{c}"]) for c in range(NUM_CLASSES)]
+    except KeyError:
+        return None
+    ok = math.isfinite(row[K.LOSS]) and all(0.0 <= row[k] <= 1.0 for k in (K.UAR, K.WAR))
+    if not ok or not all(r == -1.0 or 0.0 <= r <= 1.0 for r in recall):
+        log.warning("evaluate reply with out-of-range %sscores ignored: %s", prefix, row)
+        return None
+    row["recall"] = [None if r < 0 else r for r in recall]
+    return row
+
+
+def eval_rows(
+    by_source: dict[int, dict[str, float]],
+    train_sources: set[int],
+    names: dict[int, str],
+    methods: list[str],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+    """(training sources' rows, held-out sources' rows, {method: held-out rows after adaptation})
+    from the evaluate replies by source; only the configured `methods` are read."""
+    train: dict[str, Any] = {}
+    held: dict[str, Any] = {}
+    adapted: dict[str, dict[str, Any]] = {}
+    for src, m in by_source.items():
+        row = eval_row(m)
+        if row is None:
+            continue
+        if src in train_sources:
+            train[names[src]] = row
+            continue
+        held[names[src]] = row
+        for method in methods:  # an evaluation-only site's scores after adaptation
+            scored = eval_row(m, K.adapted_key(method, ""))
+            if scored is not None:
+                adapted.setdefault(method, {})[names[src]] = scored
+    return train, held, adapted
+
+
 def lr_of_round(cfg: DictConfig, server_round: int) -> float:
     """The clients' learning rate in `server_round` (warm-up then cosine over the rounds)."""
     t = cfg.train
@@ -104,6 +149,8 @@ class Federation:
         self.arrays = ArrayRecord(model.state_dict())
         server_eval = str(cfg.server.heldout_eval) == "server"
         self.heldout_eval = HeldoutEvaluator(cfg, self.heldout_sources) if server_eval else None
+        self.adapt_methods = check_methods(cfg.server.get("heldout_adapt") or [])
+        self.heldout_adapted: dict[str, dict[str, Any]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heldout-eval")
         expected = len(self.train_sources) + (0 if server_eval else len(self.heldout_sources))
         nodes = discover_nodes(grid, self.cfg_yaml, expected, float(cfg.server.wait_for_nodes_s))
@@ -193,7 +240,7 @@ class Federation:
         round waits for the slower of the two instead of their sum.
         """
         scoring = (
-            self._pool.submit(self.heldout_eval, self.arrays)
+            self._pool.submit(self.heldout_eval.score, self.arrays)
             if self.heldout_eval is not None
             else None
         )
@@ -202,16 +249,23 @@ class Federation:
         )
         replies = self.grid.send_and_receive(msgs, timeout=float(self.cfg.server.round_timeout_s))
         self.strategy.aggregate_evaluate(server_round, replies)
-        train, held = {}, {}
-        for src, m in self.strategy.eval_by_source.items():
-            row = {"loss": m[K.LOSS], "uar": m[K.UAR], "war": m[K.WAR]}
-            recall = [m[f"{K.RECALL_PREFIX}{c}"] for c in range(NUM_CLASSES)]
-            row["recall"] = [None if r < 0 else r for r in recall]
-            (train if src in self.strategy.train_sources else held)[self.names[src]] = row
+        train, held, self.heldout_adapted = eval_rows(
+            self.strategy.eval_by_source,
+            set(self.strategy.train_sources),
+            self.names,
+            self.adapt_methods,
+        )
         if scoring is not None:
-            for name, stats in scoring.result().items():
+            plain, adapted = scoring.result()
+            for name, stats in plain.items():
                 held[name] = summarize(stats)
+            for method, by_source in adapted.items():
+                self.heldout_adapted[method] = {n: summarize(s) for n, s in by_source.items()}
         return train, held
+
+    def adapted_entry(self) -> dict[str, Any]:
+        """The row's `heldout_adapted` ({method: {source: scores}}), when adaptation is on."""
+        return {"heldout_adapted": self.heldout_adapted} if self.heldout_adapted else {}
 
     def round(self, server_round: int) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -244,6 +298,7 @@ class Federation:
             "lambda": {self.names[s]: w for s, w in lam.items()},
             "train": train,
             "heldout": held,
+            **self.adapted_entry(),
             "clients": reports,
             "sent": len(list(msgs)),
             "replied": len(replies),
@@ -261,6 +316,7 @@ class Federation:
             "lambda": {self.names[s]: w for s, w in lam.items()},
             "train": train,
             "heldout": held,
+            **self.adapted_entry(),
             "seconds": time.monotonic() - t0,
         }
 

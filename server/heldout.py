@@ -8,6 +8,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig
 
+from hdf.adapt import AdaptSettings, check_methods, evaluate_adapted
 from hdf.data import Source
 from hdf.device import resolve_device
 from hdf.evaluate import evaluate
@@ -15,7 +16,12 @@ from hdf.models import build_model
 
 
 class HeldoutEvaluator:
-    """Scores arrays on every held-out source's test split; the model is built once."""
+    """Scores arrays on every held-out source's test split; the model is built once.
+
+    With `server.heldout_adapt` naming adaptation methods, `score` also scores each source after
+    adapting the model on that source's own unlabeled test clips (`hdf.adapt`), as an
+    evaluation-only site would.
+    """
 
     def __init__(self, cfg: DictConfig, sources: list[Source]) -> None:
         self.sources = sources
@@ -23,6 +29,8 @@ class HeldoutEvaluator:
         self.batch_size = int(cfg.eval.batch_size)
         self.precision = str(cfg.precision)
         self.model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size).to(self.device)
+        self.methods = check_methods(cfg.server.get("heldout_adapt") or [])
+        self.adapt_settings = AdaptSettings.from_config(cfg.get("adapt"))
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, dict[str, Any]]:
         if not self.sources:
@@ -39,3 +47,28 @@ class HeldoutEvaluator:
             )
             out[s.name] = stats
         return out
+
+    def adapted(self, arrays: ArrayRecord) -> dict[str, dict[str, dict[str, Any]]]:
+        """{method: {source: stats}}: each source scored after adapting on its test clips."""
+        if not self.sources or not self.methods:
+            return {}
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        return {
+            m: {
+                s.name: evaluate_adapted(
+                    self.model,
+                    s.split("test"),
+                    m,
+                    self.device,
+                    self.adapt_settings,
+                    batch_size=self.batch_size,
+                    precision=self.precision,
+                )
+                for s in self.sources
+            }
+            for m in self.methods
+        }
+
+    def score(self, arrays: ArrayRecord) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(plain scores, adapted scores) of `arrays`: what one evaluation round records."""
+        return self(arrays), self.adapted(arrays)

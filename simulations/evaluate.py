@@ -4,6 +4,7 @@
     python -m simulations.evaluate runs/<folder> --split val
     python -m simulations.evaluate runs/<folder>/checkpoint.pt data.sources=[cctv,night_ir]
     python -m simulations.evaluate runs/<folder> data=manifest data.manifest=site.csv --out eval/
+    python -m simulations.evaluate runs/<folder> --adapt bn      # AdaBN on each source first
 
 The model config, T and the input size come from the checkpoint. The data config is the
 checkpoint's, with the Hydra overrides given here applied on top (``data=<group>`` starts from that
@@ -14,7 +15,13 @@ Exit codes: 0; 2 for a bad override, an unknown source, a model config the weigh
 a missing, unreadable or refused checkpoint or data file (one line on stderr). Writes report.md,
 confusion PNGs and results.json into ``--out`` (default: a folder ``eval-...`` next to the
 checkpoint). The last line printed is one JSON object ``{"uar", "war", "per_source": {source:
-{"uar", "war"}}}``, whose top-level numbers pool every scored clip.
+{"uar", "war"}}, "adapt"}``, whose top-level numbers pool every scored clip.
+
+``--adapt bn|tent`` adapts the model on each scored source's own clips of the split, without their
+labels, before scoring it (``hdf.adapt``: AdaBN statistics, or TENT on the normalisation affine
+parameters; settings ``adapt.*`` from the checkpoint's config, overridable here); every source
+starts from the checkpoint's weights. On a run folder whose run recorded ``heldout_adapted`` for
+that method, the report compares with the run's own adapted numbers.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import argparse
 import hashlib
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +40,12 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from hdf.adapt import METHODS as ADAPT_METHODS
+from hdf.adapt import AdaptSettings, evaluate_adapted
 from hdf.checkpoint import checkpoint_config, load_model, read_checkpoint
 from hdf.classes import EMOTIONS
 from hdf.data import SPLITS, Source, build_sources
 from hdf.device import resolve_device
-from hdf.evaluate import evaluate
 from hdf.metrics import per_class_recall
 from server.outputs import METRICS_FILE, RunFolder, clean
 from server.report import plot_confusion
@@ -77,7 +86,7 @@ def apply_overrides(base: dict[str, Any], overrides: list[str]) -> tuple[DictCon
         if key in {"experiment", "strategy"} or key.startswith("strategy."):
             raise ValueError(
                 f"{o.input_line!r}: evaluation uses the checkpoint's model and a data config; "
-                "only data, model, device, precision and eval overrides apply"
+                "only data, model, device, precision, eval and adapt overrides apply"
             )
         if o.is_delete():
             parent, _, leaf = key.rpartition(".")
@@ -122,12 +131,17 @@ def pooled(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def logged_heldout(ckpt_file: Path, round_: int | None) -> dict[str, Any]:
-    """The run's own held-out numbers for the checkpoint's round, if metrics.jsonl is beside it."""
+def logged_heldout(ckpt_file: Path, round_: int | None, adapt: str = "none") -> dict[str, Any]:
+    """The run's own held-out numbers for the checkpoint's round, if metrics.jsonl is beside it
+    (after adaptation `adapt`: the row's `heldout_adapted[adapt]`)."""
     if round_ is None or not (ckpt_file.parent / METRICS_FILE).is_file():
         return {}
     rows = [r for r in RunFolder(ckpt_file.parent).read_metrics() if r.get("round") == round_]
-    return rows[-1].get("heldout", {}) if rows else {}
+    if not rows:
+        return {}
+    if adapt == "none":
+        return rows[-1].get("heldout", {})
+    return rows[-1].get("heldout_adapted", {}).get(adapt, {})
 
 
 def default_out(ckpt_file: Path, cfg: DictConfig, split: str, tag: list[str]) -> Path:
@@ -202,8 +216,10 @@ def run_evaluation(
     sources: list[str] | None = None,
     out: str | None = None,
     console: Console | None = None,
+    adapt: str = "none",
 ) -> dict[str, Any]:
-    """Score the checkpoint and write the report; returns the summary JSON object."""
+    """Score the checkpoint (each source after adaptation `adapt`) and write the report;
+    returns the summary JSON object."""
     console = console or cli.console()
     ckpt, ckpt_file = read_checkpoint(checkpoint)
     base = checkpoint_config(ckpt, ckpt_file)
@@ -221,35 +237,43 @@ def run_evaluation(
             f"T={model.num_frames} frames; drop the data.num_frames override"
         )
     picked = pick_sources(build_sources(cfg.data), cfg, keys, sources)
+    if adapt not in ADAPT_METHODS:
+        raise ValueError(f"--adapt {adapt!r}: use one of {list(ADAPT_METHODS)}")
+    settings = AdaptSettings.from_config(cfg.get("adapt"))
+    batch_size = int(cfg.get("eval", {}).get("batch_size", 64))
+    precision = str(cfg.get("precision", "auto"))
     stats: dict[str, dict[str, Any]] = {}
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"scoring {split} split", total=len(picked))
         for s in picked:
             progress.update(task, description=f"{s.name} ({split})")
-            stats[s.name] = evaluate(
-                model,
-                s.split(split),
-                device,
-                batch_size=int(cfg.get("eval", {}).get("batch_size", 64)),
-                precision=str(cfg.get("precision", "auto")),
-            )
+            stats[s.name] = evaluate_adapted(
+                model, s.split(split), adapt, device, settings, batch_size=batch_size,
+                precision=precision,
+            )  # fmt: skip
             progress.advance(task)
     total = pooled(stats)
     round_ = ckpt.get("round")
-    logged = logged_heldout(ckpt_file, round_) if split == "test" else {}
+    logged = logged_heldout(ckpt_file, round_, adapt) if split == "test" else {}
     tag = [*overrides, *(f"--sources={n}" for n in sources or [])]
+    tag += [f"--adapt={adapt}"] if adapt != "none" else []
     out_dir = Path(out) if out else default_out(ckpt_file, cfg, split, tag)
     title = f"Evaluation of {ckpt_file} (round {round_}) on {cfg.data.name}, {split} split"
+    if adapt != "none":
+        title += f", each source adapted on its unlabeled clips ({adapt})"
     report = write_report(out_dir, title, stats, total, logged)
     summary = {
         "uar": total["uar"],
         "war": total["war"],
         "per_source": {n: {"uar": s["uar"], "war": s["war"]} for n, s in stats.items()},
+        "adapt": adapt,
     }
     details = {
         "checkpoint": str(ckpt_file),
         "round": round_,
         "split": split,
+        "adapt": adapt,
+        "adapt_settings": asdict(settings) if adapt != "none" else None,
         "overrides": overrides,
         "data": OmegaConf.to_container(cfg.data),
         "pooled": total,
@@ -280,10 +304,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--sources", default="", help="comma-separated source names to score")
     parser.add_argument("--out", default=None, help="report folder (default: next to the ckpt)")
+    parser.add_argument(
+        "--adapt",
+        default="none",
+        choices=ADAPT_METHODS,
+        help="adapt on each source's unlabeled clips before scoring: bn (AdaBN) or tent",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.sources.split(",") if n.strip()] or None
     summary = run_evaluation(
-        args.checkpoint, list(args.overrides), args.split, names, args.out, cli.console()
+        args.checkpoint,
+        list(args.overrides),
+        args.split,
+        names,
+        args.out,
+        cli.console(),
+        args.adapt,
     )
     print(json.dumps(clean(summary)), flush=True)
     return 0

@@ -4,10 +4,13 @@
     python -m simulations.loso experiment=loso_compare           # the sized comparison preset
     python -m simulations.loso loso.strategies=[fedavg,dro,centralized,local] loso.seeds=[0,1,2]
     python -m simulations.loso loso.heldout=[phone,cctv] rounds=5
+    python -m simulations.loso experiment=loso_hdf_ablation      # HDF vs base x FedAvg vs DRO
 
 `loso.*` settings choose the sweep (they may also sit in an experiment file under `loso:`); every
 other override is passed to each run. `loso.strategies` names files of `conf/strategy/`, plus
-`centralized` (the pooled baseline, `simulations.centralized`).
+`centralized` (the pooled baseline, `simulations.centralized`). `loso.variants`, a mapping
+{name: [overrides]}, runs every strategy once per variant with that variant's overrides; the
+entries are then named `strategy@variant` (e.g. `dro@base`) and compared with `fedavg@variant`.
 
 Runs go one after another (`loso.jobs=N`: N at once), each in its own process (a fresh Ray and
 a fresh ClientApp cache), its output captured in `<run>/log.txt`. The sweep folder is named by a
@@ -29,7 +32,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +58,7 @@ LOSO_DEFAULTS: dict[str, Any] = {
     "heldout": None,  # null = every source of the data config, one at a time
     "root": None,  # null = <output.root>/loso
     "jobs": 1,  # runs at once, each its own process (2 on 2 cores fills start-up and idle gaps)
+    "variants": None,  # null, or {name: [overrides]}: every strategy once per variant
 }
 CENTRALIZED = "centralized"
 RUN_INFO = "loso.json"
@@ -69,11 +73,16 @@ def _hash(items: Sequence[str], n: int = 10) -> str:
 class RunSpec:
     """One federation of the sweep."""
 
-    strategy: str
+    strategy: str  # the sweep entry: a strategy file name, or "strategy@variant"
     heldout: str
     seed: int
     overrides: list[str]
     path: Path
+    conf: str = ""  # the strategy file (or "centralized") when `strategy` names a variant
+
+    @property
+    def strategy_conf(self) -> str:
+        return self.conf or self.strategy
 
     @property
     def done(self) -> bool:
@@ -89,6 +98,7 @@ class Sweep:
     heldout: list[str]
     runs: list[RunSpec] = field(default_factory=list)
     jobs: int = 1
+    variants: list[str] = field(default_factory=list)  # names, in the order given
 
 
 def split_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -122,6 +132,7 @@ def plan(argv: Sequence[str]) -> Sweep:
                 f"loso.heldout names {h!r}, not a source of data={cfg.data.name}: {names}"
             )
     strategies = [str(s) for s in settings["strategies"]]
+    variants = parse_variants(settings["variants"])
     known = {p.stem for p in (Path(__file__).parent / "conf" / "strategy").glob("*.yaml")}
     for s in strategies:
         if s not in known | {CENTRALIZED}:
@@ -130,26 +141,59 @@ def plan(argv: Sequence[str]) -> Sweep:
     jobs = int(settings["jobs"])
     if jobs < 1:
         raise ValueError(f"loso.jobs={jobs}: give at least 1 (runs at once)")
+    entries = [
+        (f"{s}@{v}" if v else s, s, extra)
+        for s in strategies
+        for v, extra in (variants.items() if variants else [("", [])])
+    ]
     sweep = Sweep(
         root / f"loso-{_hash(base)}",
         base,
-        strategies,
+        [label for label, _, _ in entries],
         [int(x) for x in settings["seeds"]],
         heldout,
         jobs=jobs,
+        variants=list(variants or {}),
     )
     for h in heldout:
-        for strategy in strategies:
+        for label, strategy, extra in entries:
             for seed in sweep.seeds:
-                own = [f"data.heldout=[{h}]", f"seed={seed}", f"name=loso-{strategy}-{h}-s{seed}"]
+                tag = label.replace("@", "-")
+                own = [f"data.heldout=[{h}]", f"seed={seed}", f"name=loso-{tag}-{h}-s{seed}"]
                 if strategy != CENTRALIZED:
                     own.insert(0, f"strategy={strategy}")
-                overrides = [*base, *own]
-                folder = f"{strategy}-{h}-s{seed}-{_hash([strategy, *overrides], 8)}"
+                overrides = [*base, *extra, *own]
+                folder = f"{tag}-{h}-s{seed}-{_hash([label, *overrides], 8)}"
                 sweep.runs.append(
-                    RunSpec(strategy, h, seed, overrides, sweep.path / "runs" / folder)
+                    RunSpec(
+                        label,
+                        h,
+                        seed,
+                        overrides,
+                        sweep.path / "runs" / folder,
+                        conf="" if label == strategy else strategy,
+                    )
                 )
     return sweep
+
+
+def parse_variants(given: Any) -> dict[str, list[str]]:
+    """`loso.variants` checked: {name: [override, ...]} (null: no variants)."""
+    if not given:
+        return {}
+    if not isinstance(given, dict):
+        raise ValueError(
+            f"loso.variants={given!r}: give a mapping {{name: [overrides]}}, e.g. "
+            "{hdf: [], base: [sam.enabled=false]}"
+        )
+    out = {}
+    for name, overrides in given.items():
+        if not str(name).replace("_", "").isalnum():
+            raise ValueError(f"loso.variants name {name!r}: use letters, digits and _ only")
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise ValueError(f"loso.variants.{name}={overrides!r}: give a list of overrides")
+        out[str(name)] = list(overrides)
+    return out
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -160,7 +204,7 @@ def launch_subprocess(run: RunSpec) -> int:
         "-m",
         "simulations.loso",
         "--worker",
-        run.strategy,
+        run.strategy_conf,
         str(run.path),
         *run.overrides,
     ]
@@ -283,6 +327,13 @@ def run_values(sweep: Sweep, strategy: str, at: str) -> Values:
         held = row.get("heldout", {}).get(r.heldout)
         if held is not None:
             v["heldout"], v["heldout_war"] = held["uar"], held["war"]
+        adapted = {
+            method: by_source[r.heldout]["uar"]
+            for method, by_source in row.get("heldout_adapted", {}).items()
+            if r.heldout in by_source
+        }
+        if adapted:
+            v["adapted"] = adapted
         train = {n: x["uar"] for n, x in row.get("train", {}).items()}
         if train:
             v["train_by_source"] = train
@@ -330,20 +381,65 @@ def paired(a: Values, b: Values, metric: str, heldout: list[str]) -> tuple[list[
     return [a[k][field_] for k in keys], [b[k][field_] for k in keys]
 
 
-def comparisons(values: dict[str, Values], heldout: list[str]) -> dict[str, dict[str, Any]]:
-    """Per strategy: `vs_fedavg` / `vs_centralized` {metric: {diff, lo, hi, n}} (paired t)."""
+def baseline_of(entry: str, base: str, entries: Iterable[str]) -> str | None:
+    """The entry `entry` is compared with for `base` ("fedavg", "centralized"): the base of the
+    same variant ("dro@base" -> "fedavg@base") where the sweep has it, else the plain base."""
+    _, at, variant = entry.partition("@")
+    names = set(entries)
+    for candidate in (f"{base}{at}{variant}", base):
+        if candidate in names:
+            return None if candidate == entry else candidate
+    return None
+
+
+def variant_reference(entry: str, variants: list[str]) -> str | None:
+    """The same strategy under the sweep's first variant ("dro@base" -> "dro@hdf" when the
+    variants are [hdf, base]): what a variant is measured against; None for the first itself."""
+    strategy, at, variant = entry.partition("@")
+    if not at or not variants or variant == variants[0]:
+        return None
+    return f"{strategy}@{variants[0]}"
+
+
+def _compare(mine: Values, other: Values, heldout: list[str]) -> dict[str, Any]:
+    """{metric: {diff, lo, hi, n}} of `mine` minus `other` over the pairs both have."""
+    out = {}
+    for metric in METRICS:
+        xs, ys = paired(mine, other, metric, heldout)
+        if xs:
+            out[metric] = paired_ci(xs, ys).as_dict()
+    return out
+
+
+def comparisons(
+    values: dict[str, Values], heldout: list[str], variants: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per entry: `vs_fedavg` / `vs_centralized` {metric: {diff, lo, hi, n}} (paired t), against
+    the baseline of the same variant; with variants, `vs_variant` against the same strategy under
+    the first variant (`against` names it); `adapted_vs_none` {method: {heldout_mean,
+    heldout_worst}}: held-out UAR after test-time adaptation minus without, same runs."""
     out: dict[str, dict[str, Any]] = {}
-    for strategy, mine in values.items():
-        out[strategy] = {}
+    for entry, mine in values.items():
+        out[entry] = {}
         for key, base in BASELINES.items():
-            if base == strategy or base not in values:
-                continue
-            cmp = {}
-            for metric in METRICS:
-                xs, ys = paired(mine, values[base], metric, heldout)
-                if xs:
-                    cmp[metric] = paired_ci(xs, ys).as_dict()
-            out[strategy][key] = cmp
+            other = baseline_of(entry, base, values)
+            if other is not None:
+                out[entry][key] = _compare(mine, values[other], heldout)
+        ref = variant_reference(entry, variants or [])
+        if ref in values:
+            out[entry]["vs_variant"] = {"against": ref, **_compare(mine, values[ref], heldout)}
+        methods = sorted({m for v in mine.values() for m in v.get("adapted", {})} - {"none"})
+        adapted = {}
+        for method in methods:
+            moved = {
+                k: {**v, "heldout": v["adapted"][method]}
+                for k, v in mine.items()
+                if method in v.get("adapted", {})
+            }
+            cmp = _compare(moved, mine, heldout)
+            adapted[method] = {m: cmp[m] for m in ("heldout_mean", "heldout_worst") if m in cmp}
+        if adapted:
+            out[entry]["adapted_vs_none"] = adapted
     return out
 
 
@@ -404,22 +500,53 @@ def summarize(sweep: Sweep) -> tuple[dict[str, Any], dict[str, Any]]:
             for r in runs
             if (r.path / RUN_INFO).exists()
         ]
+        adapted = summarize_adapted(runs)
+        if adapted:
+            summary[strategy]["adapted"] = adapted
         details[strategy] = {
             "runs": len(runs),
             "train_by_source": {k: float(np.mean(v)) for k, v in train_by_source.items()},
             "wall_seconds": float(np.sum(seconds)),
         }
     for at in AT:
-        cmp = comparisons({s: values[at][s] for s in summary}, sweep.heldout)
+        cmp = comparisons({s: values[at][s] for s in summary}, sweep.heldout, sweep.variants)
         for strategy, entry in summary.items():
             target = entry if at == "last" else entry["selected"]
             target.update(cmp.get(strategy, {}))
-            central = summary.get(CENTRALIZED)
-            if central is not None and strategy != CENTRALIZED:
+            other = baseline_of(strategy, CENTRALIZED, summary)
+            central = summary.get(other) if other else None
+            if central is not None:
                 target["ratio_to_centralized"] = ratio_to_centralized(
                     target, central if at == "last" else central["selected"]
                 )
     return summary, details
+
+
+def summarize_adapted(runs: list[RunSpec]) -> dict[str, Any]:
+    """{method: {"heldout": {source: {uar_mean, uar_std, war_mean, war_std}}, mean_heldout_uar,
+    worst_heldout_uar}}: the held-out scores after test-time adaptation (`heldout_adapted` of
+    each run's last row, `server.heldout_adapt`), aggregated as the plain ones are."""
+    scores: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for r in runs:
+        rows = _rows(r)
+        for method, by_source in (rows[-1].get("heldout_adapted", {}) if rows else {}).items():
+            if r.heldout in by_source:
+                v = by_source[r.heldout]
+                scores.setdefault(method, {}).setdefault(r.heldout, []).append((v["uar"], v["war"]))
+    out: dict[str, Any] = {}
+    for method, by_source in scores.items():
+        held = {}
+        for h, pairs in by_source.items():
+            um, us = _mean_std([u for u, _ in pairs])
+            wm, ws = _mean_std([w for _, w in pairs])
+            held[h] = {"uar_mean": um, "uar_std": us, "war_mean": wm, "war_std": ws}
+        means = [v["uar_mean"] for v in held.values()]
+        out[method] = {
+            "heldout": held,
+            "mean_heldout_uar": float(np.mean(means)),
+            "worst_heldout_uar": float(np.min(means)),
+        }
+    return out
 
 
 # ---- plots and report ----------------------------------------------------------------------
@@ -488,10 +615,22 @@ GOAL_POINTS = 3.0  # issue 5: DRO lifts both worst-source UARs by this much over
 GOAL_MEAN_DROP = 1.0  # ... without lowering the held-out mean by more than this
 
 
+def _strategy_of(entry: str) -> str:
+    """The strategy of a sweep entry ("dro@base" -> "dro")."""
+    return entry.split("@", 1)[0]
+
+
+def _fedavg_of(entry: str) -> str:
+    """The FedAvg entry an entry is compared with: of the same variant ("dro@base" ->
+    "fedavg@base")."""
+    _, at, variant = entry.partition("@")
+    return f"fedavg{at}{variant}"
+
+
 def _against_fedavg(summary: dict[str, Any]) -> list[str]:
-    """Report lines: each strategy's difference to FedAvg in UAR points, and the goal's verdict."""
-    base = summary.get("fedavg")
-    if base is None or len(summary) < 2:
+    """Report lines: each strategy's difference to FedAvg (of its own variant, if any) in UAR
+    points, and the goal's verdict."""
+    if not any(_strategy_of(k) == "fedavg" for k in summary) or len(summary) < 2:
         return []
     keys = ("worst_heldout_uar", "worst_train_uar", "mean_heldout_uar", "mean_train_uar")
     lines = [
@@ -506,7 +645,10 @@ def _against_fedavg(summary: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for strategy, s in summary.items():
-        if strategy == "fedavg" or any(s.get(k) is None or base.get(k) is None for k in keys):
+        base = summary.get(_fedavg_of(strategy))
+        if _strategy_of(strategy) == "fedavg" or base is None:
+            continue
+        if any(s.get(k) is None or base.get(k) is None for k in keys):
             continue
         d = {k: 100 * (s[k] - base[k]) for k in keys}
         met = (
@@ -561,6 +703,34 @@ def _comparison_lines(summary: dict[str, Any], at: str) -> list[str]:
         ]
         for name, cmp in rows:
             lines.append(f"| {name} | " + " | ".join(_cell(cmp.get(m)) for m in METRICS) + " |")
+    variant_rows = [(name, entry(s)["vs_variant"]) for name, s in summary.items()
+                    if "vs_variant" in entry(s)]  # fmt: skip
+    if variant_rows:
+        lines += [
+            "",
+            f"## Against the same strategy under the first variant, {where}: UAR points, 95 % CI",
+            "",
+            "| entry | against | " + " | ".join(METRIC_LABELS.values()) + " |",
+            "|---" * (len(METRIC_LABELS) + 2) + "|",
+        ]
+        for name, cmp in variant_rows:
+            cells = " | ".join(_cell(cmp.get(m)) for m in METRICS)
+            lines.append(f"| {name} | {cmp['against']} | {cells} |")
+    adapted_rows = [(name, method, cmp) for name, s in summary.items()
+                    for method, cmp in entry(s).get("adapted_vs_none", {}).items()]  # fmt: skip
+    if adapted_rows:
+        lines += [
+            "",
+            f"## Test-time adaptation against none, {where}: held-out UAR points, 95 % CI",
+            "",
+            "Same runs, same held-out clips, scored after and before adapting on them unlabeled.",
+            "",
+            "| strategy | adaptation | held-out mean | held-out worst |",
+            "|---|---|---|---|",
+        ]
+        for name, method, cmp in adapted_rows:
+            cells = " | ".join(_cell(cmp.get(m)) for m in ("heldout_mean", "heldout_worst"))
+            lines.append(f"| {name} | {method} | {cells} |")
     ratios = [
         (name, entry(s)["ratio_to_centralized"])
         for name, s in summary.items()
@@ -598,6 +768,41 @@ def _selected_lines(summary: dict[str, Any]) -> list[str]:
         cells = [f"{_pct(s[k])} / {_pct(s['selected'][k])}" for k in keys]
         rounds = ", ".join(str(r) for r in s["selected"]["rounds"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {rounds} |")
+    return lines
+
+
+def _adapted_lines(heldout: list[str], summary: dict[str, Any]) -> list[str]:
+    """Report lines: held-out UAR with and without test-time adaptation, per strategy."""
+    if not any(s.get("adapted") for s in summary.values()):
+        return []
+    lines = [
+        "",
+        "## Held-out sources after test-time adaptation",
+        "",
+        "Each held-out source scored after adapting the last round's model on its own unlabeled "
+        "test clips (`server.heldout_adapt`; `none` is the plain score above). UAR in %, mean ± "
+        "std over seeds; the last column is the worst held-out UAR minus that of `none`, in "
+        "points.",
+        "",
+        "| strategy | adaptation | "
+        + " | ".join(heldout)
+        + " | mean UAR | worst UAR | worst vs none |",
+        "|---" * (len(heldout) + 5) + "|",
+    ]
+    for strategy, s in summary.items():
+        if not s.get("adapted"):
+            continue
+        for method, a in [("none", s), *s["adapted"].items()]:
+            cells = [
+                "-" if h not in a["heldout"] else
+                f"{_pct(a['heldout'][h]['uar_mean'])} ± {_pct(a['heldout'][h]['uar_std'])}"
+                for h in heldout
+            ]  # fmt: skip
+            gain = 100 * (a["worst_heldout_uar"] - s["worst_heldout_uar"])
+            lines.append(
+                f"| {strategy} | {method} | " + " | ".join(cells) + f" | "
+                f"{_pct(a['mean_heldout_uar'])} | {_pct(a['worst_heldout_uar'])} | {gain:+.1f} |"
+            )
     return lines
 
 
@@ -663,6 +868,7 @@ def write_report(sweep: Sweep) -> Path:
     lines += _comparison_lines(summary, "last")
     lines += _selected_lines(summary)
     lines += _comparison_lines(summary, "selected")
+    lines += _adapted_lines(sweep.heldout, summary)
     failed = [r for r in sweep.runs if not r.done]
     if failed:
         lines += ["", "## Runs not finished", ""]
@@ -675,7 +881,8 @@ def write_report(sweep: Sweep) -> Path:
         lines += ["![held-out UAR over rounds](heldout_uar.png)", ""]
     for strategy in sweep.strategies:
         run = _first_done(sweep, strategy)
-        if run is None or strategy in (CENTRALIZED, "fedavg", "fedprox", "fedbn", "local"):
+        no_lambda = (CENTRALIZED, "fedavg", "fedprox", "fedbn", "local")
+        if run is None or _strategy_of(strategy) in no_lambda:
             continue
         png = f"lambda_{strategy}.png"
         plot_lambda(run, sweep.path / png)

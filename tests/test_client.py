@@ -96,3 +96,57 @@ def test_unknown_source_name_is_a_clear_error(cfg) -> None:
     msg, _ = _message(cfg, MessageType.TRAIN)
     with pytest.raises(ValueError, match=r"source='no-such-site'.*known sources"):
         app(msg, _context({"source": "no-such-site"}))
+
+
+def test_heldout_site_sends_adapted_scores_and_nothing_else(cfg) -> None:
+    """An evaluation-only site (source phone, held out) with server.heldout_adapt=[none,bn]:
+    the reply carries only metrics; its plain scores are those of the received model and its
+    `adapted-bn-*` scores those of hdf.adapt.evaluate_adapted on its test split. A training site
+    sends no adapted scores."""
+    import torch
+
+    from hdf.adapt import AdaptSettings, evaluate_adapted
+    from hdf.data import build_sources
+    from hdf.evaluate import evaluate
+
+    run = compose(
+        ["experiment=tiny", f"data.root={cfg.data.root}", "server.heldout_adapt=[none,bn]"]
+    )
+    msg, model = _message(run, MessageType.EVALUATE)
+    content = app(msg, _context({"source": "phone"})).content
+    assert list(content.keys()) == [K.METRICS]
+    reply = content[K.METRICS]
+    phone = next(s for s in build_sources(run.data) if s.name == "phone").split("test")
+    plain = evaluate(model, phone, torch.device("cpu"), batch_size=32)
+    bn = evaluate_adapted(
+        model, phone, "bn", torch.device("cpu"), AdaptSettings.from_config(run.adapt),
+        batch_size=32,
+    )  # fmt: skip
+    assert reply[K.LOSS] == pytest.approx(plain["loss"], rel=1e-6)
+    assert reply[K.adapted_key("bn", K.LOSS)] == pytest.approx(bn["loss"], rel=1e-6)
+    assert reply[K.adapted_key("bn", K.UAR)] == pytest.approx(bn["uar"], abs=1e-12)
+    assert bn["loss"] != pytest.approx(plain["loss"], rel=1e-6)
+    assert all(K.adapted_key("bn", f"{K.RECALL_PREFIX}{c}") in reply for c in range(7))
+    assert not any(k.startswith("adapted-tent") for k in reply)
+    msg, _ = _message(run, MessageType.EVALUATE)
+    train_site = app(msg, _context({"partition-id": 0, "num-partitions": 2})).content[K.METRICS]
+    assert not any(k.startswith(K.ADAPTED_PREFIX) for k in train_site)
+
+
+def test_the_runs_weight_decay_reaches_the_clients_optimizer(cfg, monkeypatch) -> None:
+    """Regularisation for DRO runs (issue 14): `train.weight_decay` set on the run is what every
+    client's AdamW uses (the run config travels in each train message)."""
+    import torch
+
+    used = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            used.append(kw["weight_decay"])
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    run = compose(["experiment=tiny", f"data.root={cfg.data.root}", "train.weight_decay=0.37"])
+    msg, _ = _message(run, MessageType.TRAIN)
+    app(msg, _context({"partition-id": 0, "num-partitions": 2}))
+    assert used == [0.37]

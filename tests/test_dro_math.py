@@ -8,6 +8,8 @@ from server.strategy.dro_math import (
     DRO_MODES,
     DROSettings,
     afl_step,
+    ema,
+    excess_loss,
     feddg_ga_step,
     fill_losses,
     linear_decay,
@@ -255,3 +257,53 @@ def test_qffl_weights_by_hand() -> None:
     """q=1: weights proportional to the losses (1, 3) -> (.25, .75); q=0: equal."""
     np.testing.assert_allclose(qffl_weights(np.array([1.0, 3.0]), 1.0), [0.25, 0.75])
     np.testing.assert_allclose(qffl_weights(np.array([1.0, 3.0]), 0.0), [0.5, 0.5])
+
+
+# ---- regret: lambda on the excess loss over each source's own model ---------------------------
+def test_regret_two_rounds_by_hand() -> None:
+    """eta=1, eps=0.1, cap=0.5, uniform prior.
+
+    Round 1: global-model validation losses (1, 2, 1.5), local models' (0.5, 1.9, 1.5): excess
+    (0.5, 0.1, 0). exp(.5, .1, 0) = (1.648721, 1.105171, 1), sum 3.753892 -> (.439203, .294407,
+    .266390); mixed .9 x + .033333 = (.428616, .298299, .273084); nothing over the cap.
+    Round 2: global (0.8, 2.0, 1.2), local (0.8, 1.0, 1.4): excess (0, 1, 0): the third is
+    -0.2, clipped to 0, not a reward. lam * (1, e, 1) normalised = (.283371, .536085, .180544);
+    mixed (.288367, .515810, .195823); the second is capped at .5 and the others share .5 in
+    proportion: (.297783, .5, .202217).
+    """
+    s = DROSettings(eta=1.0, eps=0.1, cap=0.5)
+    excess = excess_loss(np.array([1.0, 2.0, 1.5]), np.array([0.5, 1.9, 1.5]))
+    np.testing.assert_allclose(excess, [0.5, 0.1, 0.0], atol=1e-12)
+    lam = update_lambda("regret", UNIFORM, excess, ALL, UNIFORM, s)
+    np.testing.assert_allclose(lam, [0.428616, 0.298299, 0.273084], atol=2e-6)
+    excess = excess_loss(np.array([0.8, 2.0, 1.2]), np.array([0.8, 1.0, 1.4]))
+    np.testing.assert_allclose(excess, [0.0, 1.0, 0.0], atol=1e-12)
+    lam = update_lambda("regret", lam, excess, ALL, UNIFORM, s)
+    np.testing.assert_allclose(lam, [0.297783, 0.5, 0.202217], atol=2e-6)
+
+
+def test_a_source_with_zero_excess_gains_no_weight() -> None:
+    """Source 2's loss is the highest (3.0) but its own model does no better (3.0): plain EG
+    raises its weight above the prior, regret does not; with no excess anywhere lambda stays at
+    the prior."""
+    s = DROSettings(eta=1.0, eps=0.1, cap=1.0)
+    losses, local = np.array([1.0, 1.2, 3.0]), np.array([0.4, 1.0, 3.0])
+    eg = update_lambda("eg", UNIFORM, losses, ALL, UNIFORM, s)
+    regret = update_lambda("regret", UNIFORM, excess_loss(losses, local), ALL, UNIFORM, s)
+    assert eg[2] > 1 / 3 + 0.1
+    assert regret[2] < 1 / 3 and regret[2] == regret.min()
+    none = update_lambda("regret", UNIFORM, excess_loss(losses, losses + 0.5), ALL, UNIFORM, s)
+    np.testing.assert_allclose(none, UNIFORM, atol=1e-12)
+
+
+def test_ema_by_hand() -> None:
+    """beta 0.5. A first value is taken as it is (2, 6); then 0.5 * 2 + 0.5 * 4 = 3 for source
+    0, source 1 silent keeps 6; source 2 never reported stays NaN."""
+    first = ema(np.full(3, np.nan), np.array([2.0, 6.0, 9.0]), np.array([True, True, False]), 0.5)
+    np.testing.assert_array_equal(first[:2], [2.0, 6.0])
+    assert np.isnan(first[2])
+    second = ema(first, np.array([4.0, 0.0, 0.0]), np.array([True, False, False]), 0.5)
+    np.testing.assert_array_equal(second[:2], [3.0, 6.0])
+    np.testing.assert_array_equal(ema(first, np.zeros(3), ALL, 0.0)[:2], [0.0, 0.0])
+    with pytest.raises(ValueError, match="beta"):
+        ema(first, first, ALL, 1.0)

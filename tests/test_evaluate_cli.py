@@ -40,7 +40,15 @@ def cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cache: Path) -> Path:
     """A run folder as the server leaves it after round 3: config, checkpoint, metrics row."""
-    cfg = compose(["experiment=tiny", f"data.root={cache}", "device=cpu"])
+    cfg = compose(
+        [
+            "experiment=tiny",
+            f"data.root={cache}",
+            "device=cpu",
+            "server.heldout_adapt=[none,bn,tent]",
+            "adapt.tent_steps=2",
+        ]
+    )
     torch.manual_seed(1)
     model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
     with torch.no_grad():  # a sharper head, so predictions differ between clips
@@ -51,13 +59,16 @@ def run_dir(tmp_path_factory, cache: Path) -> Path:
     state = {"round": ROUND, "model": model.state_dict(), "strategy": {}, "rng": rng_state()}
     run.save_checkpoint({**state, "config": text})
     _, held = split_sources(build_sources(cfg.data), list(cfg.data.heldout), cfg.data.get("train"))
-    scored = HeldoutEvaluator(cfg, held)(ArrayRecord(model.state_dict()))
+    scored, adapted = HeldoutEvaluator(cfg, held).score(ArrayRecord(model.state_dict()))
     run.append_metrics(
         {
             "round": ROUND,
             "lambda": {},
             "train": {},
             "heldout": {n: summarize(s) for n, s in scored.items()},
+            "heldout_adapted": {
+                m: {n: summarize(s) for n, s in by.items()} for m, by in adapted.items()
+            },
             "seconds": 0.0,
         }
     )
@@ -83,6 +94,30 @@ def test_default_reproduces_the_runs_heldout_numbers(run_dir: Path, tmp_path: Pa
     assert details["round"] == ROUND
     report = (out / "report.md").read_text()
     assert "run's UAR" in report and (out / "confusion_phone.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("method", ["bn", "tent"])
+def test_adapt_reproduces_the_runs_adapted_heldout_numbers(
+    method: str, run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """`--adapt bn|tent` on the run folder gives the numbers the server recorded for that method
+    (`heldout_adapted`), which differ from the plain ones (the loss at least)."""
+    out = tmp_path / "eval"
+    assert E.main([str(run_dir), "--adapt", method, "--out", str(out)]) == 0
+    summary = _last_json(capsys.readouterr().out)
+    assert summary["adapt"] == method
+    row = RunFolder(run_dir).read_metrics()[-1]
+    logged, plain = row["heldout_adapted"][method], row["heldout"]
+    assert set(summary["per_source"]) == set(logged) == {"phone"}
+    details = json.loads((out / "results.json").read_text())
+    for name, v in logged.items():
+        assert summary["per_source"][name]["uar"] == pytest.approx(v["uar"], abs=1e-12)
+        assert summary["per_source"][name]["war"] == pytest.approx(v["war"], abs=1e-12)
+        assert details["sources"][name]["loss"] == pytest.approx(v["loss"], rel=1e-9)
+        assert details["sources"][name]["confusion"] == v["confusion"]
+        assert v["loss"] != pytest.approx(plain[name]["loss"], rel=1e-6)
+    assert details["adapt_settings"]["tent_steps"] == 2
+    assert "adapted on its unlabeled clips" in (out / "report.md").read_text()
 
 
 def test_data_override_scores_every_listed_source(run_dir: Path, cache: Path, capsys) -> None:
@@ -143,24 +178,27 @@ def test_bad_checkpoints_are_named(run_dir: Path, tmp_path: Path, capsys) -> Non
 
 @pytest.mark.slow
 def test_reproduces_a_real_tiny_run(tmp_path: Path) -> None:
-    """A real `simulations.run experiment=tiny`: evaluate gives its last held-out numbers."""
+    """A real `simulations.run experiment=tiny` with AdaBN held-out scoring: evaluate gives its
+    last held-out numbers, plain and with `--adapt bn`."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     common = [f"data.root={tmp_path}/cache", "device=cpu"]
     run = subprocess.run(
         [sys.executable, "-m", "simulations.run", "experiment=tiny", *common,
-         f"output.root={tmp_path}/runs"],
+         f"output.root={tmp_path}/runs", "server.heldout_adapt=[none,bn]"],
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     folder = Path(run.stdout.strip().splitlines()[-1])
-    ev = subprocess.run(
-        [sys.executable, "-m", "simulations.evaluate", str(folder), "device=cpu"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
-    summary = _last_json(ev.stdout)
-    logged = RunFolder(folder).read_metrics()[-1]["heldout"]
-    assert logged and set(summary["per_source"]) == set(logged)
-    for name, v in logged.items():
-        assert summary["per_source"][name]["uar"] == pytest.approx(v["uar"], abs=1e-9)
-        assert summary["per_source"][name]["war"] == pytest.approx(v["war"], abs=1e-9)
+    row = RunFolder(folder).read_metrics()[-1]
+    for adapt, logged in [("none", row["heldout"]), ("bn", row["heldout_adapted"]["bn"])]:
+        ev = subprocess.run(
+            [sys.executable, "-m", "simulations.evaluate", str(folder), "device=cpu",
+             "--adapt", adapt],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
+        summary = _last_json(ev.stdout)
+        assert logged and set(summary["per_source"]) == set(logged)
+        for name, v in logged.items():
+            assert summary["per_source"][name]["uar"] == pytest.approx(v["uar"], abs=1e-9)
+            assert summary["per_source"][name]["war"] == pytest.approx(v["war"], abs=1e-9)

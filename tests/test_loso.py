@@ -1,6 +1,7 @@
 """Leave-one-source-out sweeps: planning, skipping finished runs, the summary, a tiny real sweep."""
 
 import json
+import subprocess
 import threading
 
 import pytest
@@ -13,11 +14,15 @@ BASE = ["data.sources=[studio,webcam,movie]"]
 EMPTY_CM = [[0] * 7 for _ in range(7)]
 
 
-def _fake_launcher(uar: dict[tuple[str, str, int], float], calls: list, early: float = 0.0):
+def _fake_launcher(
+    uar: dict[tuple[str, str, int], float], calls: list, early: float = 0.0, adapted: bool = False
+):
     """Writes a 2-row metrics.jsonl and the done marker instead of running a federation.
 
     Round 1 scores u on the held-out source, round 0 scores 0; training sources score u + .1 i
-    in round 1 and `early` more in round 0 (early > 0 makes round 0 the selected round)."""
+    in round 1 and `early` more in round 0 (early > 0 makes round 0 the selected round). With
+    `adapted`, rows also hold held-out scores after AdaBN (UAR + .2) and TENT (UAR + .1 on the
+    first held-out source only)."""
 
     def launch(run: loso.RunSpec) -> int:
         calls.append((run.strategy, run.heldout, run.seed))
@@ -38,6 +43,16 @@ def _fake_launcher(uar: dict[tuple[str, str, int], float], calls: list, early: f
             }
             for r in (0, 1)
         ]
+        if adapted:
+            for row in rows:
+                u_r = row["heldout"][run.heldout]["uar"]
+                row["heldout_adapted"] = {
+                    "bn": {run.heldout: {"uar": u_r + 0.2, "war": u_r, "confusion": EMPTY_CM}}
+                }
+                if run.heldout == SOURCES[0]:
+                    row["heldout_adapted"]["tent"] = {
+                        run.heldout: {"uar": u_r + 0.1, "war": u_r, "confusion": EMPTY_CM}
+                    }
         (run.path / METRICS_FILE).write_text("".join(json.dumps(x) + "\n" for x in rows))
         (run.path / DONE_FILE).write_text("done\n")
         return 0
@@ -213,6 +228,107 @@ def test_jobs_run_that_many_at_once(tmp_path) -> None:
     assert loso.main(argv, launcher=paired) == 0
     assert sorted(calls) == sorted(uar)
     assert json.loads((loso.plan(argv).path / "summary.json").read_text())["dro"]
+
+
+def test_report_shows_heldout_scores_with_and_without_adaptation(tmp_path) -> None:
+    """fedavg, seeds 0 and 1: held-out UAR studio .4/.6, webcam .3/.5, movie .5/.7 (means .5,
+    .4, .6: mean .5, worst .4). AdaBN adds .2 to every last-round score: means .7, .6, .8, mean
+    .7, worst .6, +20 points on the worst; TENT scored only studio (.6, +20 over the plain worst
+    .4). The plain summary is unchanged."""
+    shift = {"studio": 0.0, "webcam": -0.1, "movie": 0.1}
+    uar = {("fedavg", h, s): 0.4 + 0.2 * s + shift[h] for h in SOURCES for s in (0, 1)}
+    argv = [*BASE, f"loso.root={tmp_path}", "loso.strategies=[fedavg]", "loso.seeds=[0,1]"]
+    assert loso.main(argv, launcher=_fake_launcher(uar, [], adapted=True)) == 0
+    sweep = loso.plan(argv)
+    f = json.loads((sweep.path / "summary.json").read_text())["fedavg"]
+    assert f["mean_heldout_uar"] == pytest.approx(0.5)
+    assert f["worst_heldout_uar"] == pytest.approx(0.4)
+    bn = f["adapted"]["bn"]
+    assert bn["heldout"]["webcam"] == pytest.approx(
+        {"uar_mean": 0.6, "uar_std": 0.1, "war_mean": 0.4, "war_std": 0.1}
+    )
+    assert bn["mean_heldout_uar"] == pytest.approx(0.7)
+    assert bn["worst_heldout_uar"] == pytest.approx(0.6)
+    assert set(f["adapted"]["tent"]["heldout"]) == {"studio"}
+    report = (sweep.path / "report.md").read_text()
+    assert "## Held-out sources after test-time adaptation" in report
+    rows = [
+        "| fedavg | none | 50.0 ± 10.0 | 40.0 ± 10.0 | 60.0 ± 10.0 | 50.0 | 40.0 | +0.0 |",
+        "| fedavg | bn | 70.0 ± 10.0 | 60.0 ± 10.0 | 80.0 ± 10.0 | 70.0 | 60.0 | +20.0 |",
+        "| fedavg | tent | 60.0 ± 10.0 | - | - | 60.0 | 60.0 | +20.0 |",
+    ]
+    assert all(row in report for row in rows), report
+    # paired over the same runs: AdaBN - none is +.2 in each of the 6 (seed, source) runs (sd 0)
+    # and on each seed's worst source; TENT has no worst (it scored studio only)
+    paired_bn = f["adapted_vs_none"]["bn"]
+    assert paired_bn["heldout_mean"] == pytest.approx(
+        {"diff": 0.2, "lo": 0.2, "hi": 0.2, "n": 6}, abs=1e-9
+    )
+    assert paired_bn["heldout_worst"]["n"] == 2
+    assert f["adapted_vs_none"]["tent"]["heldout_mean"]["n"] == 2
+    assert "heldout_worst" not in f["adapted_vs_none"]["tent"]
+    assert (
+        "| fedavg | bn | +20.0 [+20.0, +20.0] (n=6) better | +20.0 [+20.0, +20.0] (n=2) better |"
+        in report
+    )
+
+
+def test_variants_cross_strategies_and_compare_within_a_variant(tmp_path, monkeypatch) -> None:
+    """variants {hdf: [], base: [sam.enabled=false]} x [fedavg, dro]: four entries, each run
+    with its variant's overrides, each strategy file run by the worker. dro@base (UAR .3) is
+    compared with fedavg@base (.2): +10 points, not with fedavg@hdf (.5)."""
+    variants = "loso.variants={hdf: [], base: [sam.enabled=false]}"
+    argv = [*BASE, f"loso.root={tmp_path}", "loso.heldout=[movie]", variants]
+    sweep = loso.plan(argv)
+    assert sweep.strategies == ["fedavg@hdf", "fedavg@base", "dro@hdf", "dro@base"]
+    by = {r.strategy: r for r in sweep.runs}
+    assert by["dro@base"].strategy_conf == "dro" and "strategy=dro" in by["dro@base"].overrides
+    assert "sam.enabled=false" in by["dro@base"].overrides
+    assert "sam.enabled=false" not in by["dro@hdf"].overrides
+    assert by["fedavg@hdf"].strategy_conf == "fedavg"
+    launched: list = []
+
+    def fake_run(cmd, **kw):
+        launched.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(loso.subprocess, "run", fake_run)
+    by["dro@base"].path.mkdir(parents=True)
+    assert loso.launch_subprocess(by["dro@base"]) == 0
+    assert launched[0][3:6] == ["--worker", "dro", str(by["dro@base"].path)]
+    monkeypatch.undo()
+    uar = {("fedavg@hdf", "movie", 0): 0.5, ("dro@hdf", "movie", 0): 0.6}
+    uar |= {("fedavg@base", "movie", 0): 0.2, ("dro@base", "movie", 0): 0.3}
+    assert loso.main(argv, launcher=_fake_launcher(uar, [])) == 0
+    report = (sweep.path / "report.md").read_text()
+    summary = json.loads((sweep.path / "summary.json").read_text())
+    # paired statistics compare within a variant too, and each variant with the first one
+    assert summary["dro@base"]["vs_fedavg"]["heldout_mean"]["diff"] == pytest.approx(0.1)
+    assert summary["dro@base"]["vs_variant"]["against"] == "dro@hdf"
+    assert summary["dro@base"]["vs_variant"]["heldout_mean"]["diff"] == pytest.approx(-0.3)
+    assert summary["fedavg@base"]["vs_variant"]["train_mean"]["diff"] == pytest.approx(-0.3)
+    assert "vs_variant" not in summary["dro@hdf"] and "vs_fedavg" not in summary["fedavg@hdf"]
+    assert "| dro@base | dro@hdf | -30.0 (n=1, too few pairs) |" in report
+    assert "| dro@base | +10.0 | +10.0 | +10.0 | +10.0 | yes |" in report
+    assert "| dro@hdf | +10.0 | +10.0 | +10.0 | +10.0 | yes |" in report
+    with pytest.raises(ValueError, match=r"loso\.variants"):
+        loso.plan([*BASE, "loso.variants=[a,b]"])
+    with pytest.raises(ValueError, match=r"loso\.variants\.base=.*list of overrides"):
+        loso.plan([*BASE, "loso.variants={base: sam.enabled=false}"])
+
+
+def test_hdf_ablation_preset_switches_dam_dsm_and_sam_off_in_the_base_variant() -> None:
+    from simulations.config import compose
+
+    sweep = loso.plan(["experiment=loso_hdf_ablation"])
+    assert sweep.strategies == ["fedavg@hdf", "fedavg@base", "dro@hdf", "dro@base"]
+    assert len(sweep.seeds) >= 5
+    hdf = compose(next(r for r in sweep.runs if r.strategy == "dro@hdf").overrides)
+    base = compose(next(r for r in sweep.runs if r.strategy == "dro@base").overrides)
+    assert hdf.model.dam.enabled and hdf.sam.enabled and hdf.dsm.supcon and hdf.dsm.balance
+    assert not (base.model.dam.enabled or base.sam.enabled)
+    assert not (base.dsm.supcon or base.dsm.ib or base.dsm.balance) and base.dsm.alpha == 1.0
+    assert base.strategy.name == hdf.strategy.name == "dro" and base.rounds == hdf.rounds
 
 
 @pytest.mark.slow

@@ -205,6 +205,90 @@ def test_dro_partial_participation_every_mode_keeps_lambda_on_the_capped_simplex
             assert s.lam.sum() == pytest.approx(1.0) and s.lam.max() <= 0.5 + 1e-12, mode
 
 
+def test_regret_strategy_moves_lambda_on_excess_validation_loss() -> None:
+    """The test_dro_math regret example through the strategy. The evaluation that ends round 0
+    gives the global model's validation losses (1, 2, 1.5); round 1's replies report the local
+    models' (0.5, 1.9, 1.5) and loss-before 9 (not used): lambda = (.428616, .298299, .273084)
+    and the update is mixed by it. Round 2: validation (0.8, 2.0, 1.2), local (0.8, 1.0, 1.4):
+    (.297783, .5, .202217); a checkpoint in between changes nothing."""
+    settings = DROSettings(eta=1.0, eps=0.1, cap=0.5)
+    s = _strategy(DRO, mode="regret", settings=settings)
+    assert s.estimate == "val"
+    sent = list(s.configure_train(1, arrays_record(GLOBAL), ConfigRecord({}), FakeGrid([10])))
+    assert sent[0].content[K.CONFIG][K.LOCAL_VAL] == 1
+
+    def round_(strategy, r, val, local):
+        strategy.aggregate_evaluate(
+            r - 1, [eval_reply(10 + i, source=i, loss=v) for i, v in enumerate(val)]
+        )
+        replies = [
+            train_reply(10 + i, _arrays(float(i)), source=i, loss_before=9.0) for i in range(3)
+        ]
+        for m, v in zip(replies, local, strict=True):
+            m.content[K.METRICS][K.LOCAL_VAL_LOSS] = v
+        return strategy.aggregate_train(r, replies)[0]
+
+    arrays = round_(s, 1, [1.0, 2.0, 1.5], [0.5, 1.9, 1.5])
+    np.testing.assert_allclose(s.lam, [0.428616, 0.298299, 0.273084], atol=2e-6)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), s.lam @ [0, 1, 2]), rtol=1e-6)
+    t = _strategy(DRO, mode="regret", settings=settings)
+    t.load_state_dict(s.state_dict())
+    round_(t, 2, [0.8, 2.0, 1.2], [0.8, 1.0, 1.4])
+    np.testing.assert_allclose(t.lam, [0.297783, 0.5, 0.202217], atol=2e-6)
+
+
+def test_regret_source_without_local_loss_keeps_its_weight() -> None:
+    """Source 1 sends no local-val-loss: it keeps 1/3; sources 0 and 2 (excess 1 and 0) share
+    the other 2/3 in the EG proportions e : 1 (eps 0, no cap)."""
+    s = _strategy(DRO, mode="regret", settings=DROSettings(eta=1.0, eps=0.0, cap=1.0))
+    s.aggregate_evaluate(0, [eval_reply(10 + i, source=i, loss=2.0) for i in range(3)])
+    replies = [train_reply(10 + i, _arrays(0.0), source=i) for i in range(3)]
+    for i, v in [(0, 1.0), (2, 2.5)]:
+        replies[i].content[K.METRICS][K.LOCAL_VAL_LOSS] = v
+    s.aggregate_train(1, replies)
+    e = np.e / (np.e + 1)
+    np.testing.assert_allclose(s.lam, [2 / 3 * e, 1 / 3, 2 / 3 * (1 - e)], atol=1e-12)
+
+
+def test_regret_needs_the_validation_estimate() -> None:
+    with pytest.raises(ValueError, match=r"strategy\.dro\.estimate=val"):
+        _strategy(DRO, mode="regret", estimate="sample")
+    with pytest.raises(ValueError, match=r"unknown strategy\.dro\.estimate 'test'"):
+        _strategy(DRO, estimate="test")
+    with pytest.raises(ValueError, match=r"smoothing=1\.0"):
+        _strategy(DRO, smoothing=1.0)
+
+
+def test_val_estimate_with_smoothing_by_hand() -> None:
+    """eg, estimate=val, smoothing 0.5: the loss-before (9) is not used. Round 1: validation
+    losses (1, 2, 3) (first values, taken as they are): the test_dro_math eg round 1,
+    (.155403, .344597, .5). Round 2: validation (3, 1, 1), smoothed to (2, 1.5, 2): lam *
+    exp(2, 1.5, 2) normalised = (.179779, .241793, .578428); mixed (.195135, .250947, .553919);
+    the third is capped and the others share .5: (.218721, .281279, .5)."""
+    settings = DROSettings(eta=1.0, eps=0.1, cap=0.5)
+    s = _strategy(DRO, settings=settings, estimate="val", smoothing=0.5)
+    for r, val in [(1, [1.0, 2.0, 3.0]), (2, [3.0, 1.0, 1.0])]:
+        s.aggregate_evaluate(
+            r - 1, [eval_reply(10 + i, source=i, loss=v) for i, v in enumerate(val)]
+        )
+        _round(s, r, [9.0, 9.0, 9.0])
+        if r == 1:
+            np.testing.assert_allclose(s.lam, [0.155403, 0.344597, 0.5], atol=2e-6)
+    np.testing.assert_allclose(s.loss_memory, [2.0, 1.5, 2.0])
+    np.testing.assert_allclose(s.lam, [0.218721, 0.281279, 0.5], atol=2e-6)
+
+
+def test_val_estimate_uses_only_the_last_evaluation() -> None:
+    """Source 2 missed the last evaluation: under estimate=val it has no current validation
+    loss and falls back to its loss-before (here equal to source 0's validation loss, so the
+    two end equal), not to the stale value 5 of the evaluation before."""
+    s = _strategy(DRO, settings=DROSettings(eta=1.0, eps=0.0, cap=1.0), estimate="val")
+    s.aggregate_evaluate(0, [eval_reply(10 + i, source=i, loss=5.0) for i in range(3)])
+    s.aggregate_evaluate(1, [eval_reply(10 + i, source=i, loss=1.0 + i) for i in range(2)])
+    _round(s, 2, [0.0, 0.0, 1.0])
+    assert s.lam[0] == pytest.approx(s.lam[2]) and s.lam[1] > s.lam[0]
+
+
 def test_drfa_samples_by_lambda_and_averages_over_draws() -> None:
     """lambda = (.2, .3, .5); with fraction_train 1 there are 3 draws a round. Over 2000 rounds
     the draws are proportional to lambda (chi-square, 2 d.o.f., 0.1% critical value 13.8)."""

@@ -13,7 +13,8 @@ from hdf.models.registry import get_backbone_builder
 
 # model-config keys build_model reads itself; every other key goes to the backbone builder.
 _GENERIC_KEYS = {"backbone", "width", "norm", "dam", "weights", "dropout", "channels_last", "name"}
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# Normalisation layers: FedBN keeps them local, TENT (hdf/adapt.py) adapts their affine parameters.
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -230,7 +231,7 @@ def norm_state_keys(module: nn.Module, part: str = "all") -> list[str]:
         raise ValueError(f"unknown normalisation part {part!r}; choose one of {NORM_PARTS}")
     keys = []
     for mod_name, mod in module.named_modules():
-        if isinstance(mod, _NORM_TYPES):
+        if isinstance(mod, NORM_TYPES):
             prefix = f"{mod_name}." if mod_name else ""
             names = dict(mod.named_buffers(recurse=False)) if part == "stats" else None
             keys += [

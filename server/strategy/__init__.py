@@ -89,6 +89,8 @@ def _dro(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
         source_sizes=common.get("source_sizes"),
         sample_by_lambda=d.get("sample_by_lambda"),
         loss=str(d.get("loss", "plain")),
+        estimate=d.get("estimate"),
+        smoothing=float(d.get("smoothing") or 0.0),
         **_fedavg_kwargs(cfg, common),
     )
 

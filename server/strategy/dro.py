@@ -12,13 +12,16 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from hdf import contract as K
 from hdf.seeding import round_seed
 from server.strategy.base import SourceFedAvg, weighted_average
 from server.strategy.dro_math import (
+    ESTIMATES,
     DROSettings,
+    ema,
+    excess_loss,
     get_mode,
     sample_by_weight,
     update_lambda,
@@ -33,16 +36,17 @@ class DRO(SourceFedAvg):
 
     Modes (`dro_math.DRO_MODES`): ``eg`` exponentiated gradient (Group DRO), ``kl`` the KL-ball
     closed form p * exp(L / tau), ``cvar`` the worst alpha-share of sources, ``afl`` projected
-    gradient ascent (AFL), ``drfa`` AFL's ascent with clients sampled by lambda (DRFA).
+    gradient ascent (AFL), ``drfa`` AFL's ascent with clients sampled by lambda (DRFA),
+    ``regret`` EG on the excess loss over each source's own model (minimax regret).
 
     With sampling by lambda (DRFA), `fraction_train * K` sources are drawn with replacement in
     proportion to lambda each round (seeded by the round), every online node of a drawn source
     trains, and the update is the plain average over the draws (a source drawn twice counts
     twice): an unbiased estimate of the lambda-mix, as in DRFA. lambda then moves on the losses
-    of the model the clients received measured on *every* source: the per-source validation
-    losses of the last evaluation (DRFA's uniformly sampled loss-reporting set, here all sources);
-    a source without one falls back to its `loss-before` if it trained. The losses of only the
-    sampled sources would be biased toward the sources lambda already favours.
+    of the model the clients received measured on *every* source (estimate "val", DRFA's
+    default): the per-source validation losses of the last evaluation (DRFA's uniformly sampled
+    loss-reporting set, here all sources). The losses of only the sampled sources would be
+    biased toward the sources lambda already favours.
 
     Parameters
     ----------
@@ -59,8 +63,23 @@ class DRO(SourceFedAvg):
     loss : str (default: "plain")
         Which loss-before moves lambda: "plain" (mean CE of the sample) or "balanced" (the
         mean over classes of each class's CE, `loss-before-balanced`), which ranks sources the
-        way UAR does; a reply without it falls back to the plain loss. DRFA's validation
-        losses are always plain.
+        way UAR does; a reply without it falls back to the plain loss. Validation losses
+        (estimate "val") are always plain.
+    estimate : str | None (default: None)
+        The per-source loss lambda moves on: "sample" (`loss-before`, the received model on a
+        fixed 64-clip training sample) or "val" (the source's validation loss of the same model,
+        from the evaluation that ended the previous round; a source without one falls back to
+        its `loss-before` if it trained). None takes the mode's default (val for ``drfa`` and
+        ``regret``).
+    smoothing : float (default: 0.0)
+        beta of an exponential moving average across rounds of that per-source signal
+        (`dro_math.ema`); 0 uses each round's value as it is.
+
+    Mode ``regret`` moves lambda on each source's excess loss (`dro_math.excess_loss`): the
+    validation loss of the received model (last evaluation) minus the validation loss of the
+    model the source trained from it this round (`local-val-loss`, asked for with `local-val`,
+    as FedDG-GA does), clipped at 0. Both are losses on the source's validation split, so they
+    compare like with like; a source missing either this round keeps its weight.
 
     The remaining keyword arguments are `SourceFedAvg`'s.
     """
@@ -74,12 +93,28 @@ class DRO(SourceFedAvg):
         source_sizes: dict[int, int] | None = None,
         sample_by_lambda: bool | None = None,
         loss: str = "plain",
+        estimate: str | None = None,
+        smoothing: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         spec = get_mode(mode)
         if loss not in LOSS_KEYS:
             raise ValueError(f"unknown DRO loss {loss!r}; use one of {sorted(LOSS_KEYS)}")
+        self.estimate = spec.estimate if estimate is None else str(estimate)
+        if self.estimate not in ESTIMATES:
+            raise ValueError(
+                f"unknown strategy.dro.estimate {self.estimate!r}; use one of {list(ESTIMATES)}"
+            )
+        if spec.excess and self.estimate != "val":
+            raise ValueError(
+                f"DRO mode {mode!r} compares validation losses (global vs local model): set "
+                "strategy.dro.estimate=val (or null)"
+            )
+        if not 0.0 <= float(smoothing) < 1.0:
+            raise ValueError(f"strategy.dro.smoothing={smoothing}: give a beta in [0, 1)")
+        self.smoothing = float(smoothing)
+        self.spec = spec
         self.loss_key = LOSS_KEYS[loss]
         self.mode = mode
         self.settings = settings or DROSettings()
@@ -89,7 +124,7 @@ class DRO(SourceFedAvg):
         self.prior = make_prior(prior, self.train_sources, source_sizes)
         self.lam = self.prior.copy()
         k = len(self.train_sources)
-        self.loss_memory = np.full(k, np.nan)  # last loss-before of each source
+        self.loss_memory = np.full(k, np.nan)  # last (smoothed) signal of each source
         self.eval_loss = np.full(k, np.nan)  # last validation loss of each source
         self.draws: dict[int, int] = {}  # source -> times drawn this round (sampling by lambda)
 
@@ -115,38 +150,63 @@ class DRO(SourceFedAvg):
             mask[idx[src]] = True
         return losses, mask
 
+    def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        """Regret modes ask every client for its trained model's validation loss."""
+        out = super().train_config(server_round, config)
+        if self.spec.excess:
+            out[K.LOCAL_VAL] = 1
+        return out
+
+    def _signal(self, replies: list[Message]) -> tuple[np.ndarray, np.ndarray]:
+        """The per-source value lambda moves on this round (before smoothing), and its mask."""
+        reported, trained = self._losses(replies)
+        known = np.isfinite(self.eval_loss)
+        if self.spec.excess:
+            local, has_local = self._local_val(replies)
+            mask = has_local & known
+            return np.where(mask, excess_loss(self.eval_loss, local), 0.0), mask
+        if self.estimate == "val":
+            return np.where(known, self.eval_loss, reported), known | trained
+        return reported, trained
+
+    def _local_val(self, replies: list[Message]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-source `local-val-loss` this round (clip-weighted over a source's nodes), mask."""
+        idx = {s: i for i, s in enumerate(self.train_sources)}
+        out = np.full(len(self.train_sources), np.nan)
+        for src, msgs in _by_source(replies).items():
+            msgs = [m for m in msgs if K.LOCAL_VAL_LOSS in m.content[K.METRICS]]
+            if msgs:
+                n = np.array([float(m.content[K.METRICS][K.NUM_EXAMPLES]) for m in msgs])
+                v = np.array([float(m.content[K.METRICS][K.LOCAL_VAL_LOSS]) for m in msgs])
+                out[idx[src]] = float((n * v).sum() / n.sum())
+        return out, np.isfinite(out)
+
     def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
-        """Update lambda from the reported losses, then mix the updates by lambda."""
-        reported, mask = self._losses(replies)
-        if self.sample_by_lambda:
-            # DRFA: average over the draws (made with the current lambda), then move lambda on
-            # every source's last validation loss (this round's loss-before where there is none).
-            mixed = mix_by_source(replies, {s: float(c) for s, c in self.draws.items()})
-            known = np.isfinite(self.eval_loss)
-            self.lam = update_lambda(
-                self.mode,
-                self.lam,
-                np.where(known, self.eval_loss, reported),
-                known | mask,
-                self.prior,
-                self.settings,
-                self.loss_memory,
-            )
-        else:
-            self.lam = update_lambda(
-                self.mode, self.lam, reported, mask, self.prior, self.settings, self.loss_memory
-            )
-            mixed = mix_by_source(replies, dict(zip(self.train_sources, self.lam, strict=True)))
-        self.loss_memory = np.where(mask, reported, self.loss_memory)
-        return mixed
+        """Update lambda from the per-source signal, then mix the updates by lambda."""
+        signal, mask = self._signal(replies)
+        self.loss_memory = ema(self.loss_memory, signal, mask, self.smoothing)
+        losses = np.where(mask, self.loss_memory, 0.0)
+        self.lam = update_lambda(
+            self.mode, self.lam, losses, mask, self.prior, self.settings, self.loss_memory
+        )
+        # DRFA averages over the draws (made with the lambda before this update); the others
+        # mix by the updated lambda.
+        weights = (
+            {s: float(c) for s, c in self.draws.items()}
+            if self.sample_by_lambda
+            else dict(zip(self.train_sources, self.lam, strict=True))
+        )
+        return mix_by_source(replies, weights)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         out = super().aggregate_evaluate(server_round, replies)
-        for i, s in enumerate(self.train_sources):
-            if s in self.eval_by_source:
-                self.eval_loss[i] = float(self.eval_by_source[s][K.LOSS])
+        # Only this evaluation's losses: a source that missed it has no current estimate.
+        self.eval_loss = np.array(
+            [float(self.eval_by_source[s][K.LOSS]) if s in self.eval_by_source else np.nan
+             for s in self.train_sources]
+        )  # fmt: skip
         return out
 
     def train_summary(self) -> MetricRecord:

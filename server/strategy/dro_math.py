@@ -176,7 +176,47 @@ def afl_step(
     return project_capped_simplex_euclid(lam + s.eta * np.where(mask, losses, 0.0), s.cap)
 
 
+def regret_step(
+    lam: np.ndarray, excess: np.ndarray, mask: np.ndarray, prior: np.ndarray, s: DROSettings
+) -> np.ndarray:
+    """Minimax regret (Agarwal & Zhang 2022): exponentiated gradient on each source's *excess*
+    loss, lambda_k <- lambda_k * exp(eta * max(L_k - R_k, 0)), normalised.
+
+    R_k is what source k reaches on its own (`excess_loss` forms the excess). A source that
+    nothing fits has L_k close to R_k: its excess is near 0, so its weight is not raised, where
+    plain EG would keep raising it for a loss no mixture can lower.
+    """
+    return eg_step(lam, np.clip(excess, 0.0, None), mask, prior, s)
+
+
+def excess_loss(losses: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """max(L_k - R_k, 0): the global model's loss above what the source reaches on its own.
+
+    Clipped at 0 from below: a source the global model serves as well as its own model does
+    (or better) has no excess and gains no weight from it.
+    """
+    diff = np.asarray(losses, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    return np.clip(diff, 0.0, None)
+
+
+def ema(previous: np.ndarray, new: np.ndarray, mask: np.ndarray, beta: float) -> np.ndarray:
+    """Exponential moving average across rounds of the signal that moves lambda.
+
+    s_k <- beta * s_k + (1 - beta) * new_k for sources that reported (`mask`); a source's first
+    value is taken as it is (no pull toward 0); silent sources keep theirs. beta = 0 is no
+    smoothing.
+    """
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"smoothing beta must be in [0, 1), got {beta}")
+    prev = np.asarray(previous, dtype=np.float64)
+    new = np.asarray(new, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    mixed = np.where(np.isfinite(prev), beta * prev + (1.0 - beta) * new, new)
+    return np.where(mask, mixed, prev)
+
+
 DROStep = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, DROSettings], np.ndarray]
+ESTIMATES = ("sample", "val")
 
 
 @dataclass(frozen=True)
@@ -187,12 +227,19 @@ class DROMode:
     closed_form : the step needs every source's loss; silent ones come from the loss memory.
     projection : "kl" (rescale, for multiplicative steps) or "euclid" (for additive steps).
     sample_by_lambda : clients are sampled proportionally to lambda and averaged uniformly (DRFA).
+    estimate : which per-source loss the step sees by default: "sample" (the global model on a
+        fixed training sample, `loss-before`) or "val" (its validation loss from the last
+        evaluation).
+    excess : the step moves on the excess over each source's own local-model validation loss
+        (`excess_loss`); clients must report `local-val-loss`, and the estimate must be "val".
     """
 
     step: DROStep
     closed_form: bool = False
     projection: str = "kl"
     sample_by_lambda: bool = False
+    estimate: str = "sample"
+    excess: bool = False
 
 
 DRO_MODES: dict[str, DROMode] = {}
@@ -209,7 +256,9 @@ register_mode("kl", DROMode(kl_step, closed_form=True))
 register_mode("cvar", DROMode(cvar_step, closed_form=True))
 register_mode("afl", DROMode(afl_step, projection="euclid"))
 # DRFA: AFL's projected ascent on lambda, clients sampled by lambda (Deng et al. 2020, Alg. 1).
-register_mode("drfa", DROMode(afl_step, projection="euclid", sample_by_lambda=True))
+register_mode("drfa", DROMode(afl_step, projection="euclid", sample_by_lambda=True, estimate="val"))
+# Regret: EG on the excess of the global model's validation loss over the local model's.
+register_mode("regret", DROMode(regret_step, estimate="val", excess=True))
 
 
 def get_mode(mode: str) -> DROMode:
@@ -328,6 +377,8 @@ __all__ = [
     "afl_step",
     "cvar_step",
     "eg_step",
+    "ema",
+    "excess_loss",
     "feddg_ga_step",
     "fill_losses",
     "kl_step",
@@ -335,6 +386,7 @@ __all__ = [
     "project_capped_simplex",
     "project_capped_simplex_euclid",
     "qffl_weights",
+    "regret_step",
     "sample_by_weight",
     "update_lambda",
 ]
