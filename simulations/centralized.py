@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from hdf.adapt import AdaptSettings, check_methods, evaluate_adapted
 from hdf.data import ConcatClipDataset, Source, build_sources, split_sources
 from hdf.device import resolve_device, seed_everything
 from hdf.evaluate import evaluate, summarize
@@ -45,17 +46,19 @@ def score(
     cfg: DictConfig,
     *,
     confusion: bool,
+    adapt: str = "none",
 ) -> dict[str, dict[str, Any]]:
-    """Each source's metrics on `split`, as metrics.jsonl stores them."""
+    """Each source's metrics on `split`, as metrics.jsonl stores them; with `adapt`, after
+    adapting a copy of the model on each source's own unlabeled clips (as a held-out site
+    would, `hdf.adapt`), so the pooled and the federated models are adapted alike."""
     out = {}
     for s in sources:
-        stats = evaluate(
-            model,
-            s.split(split),
-            device,
-            batch_size=int(cfg.eval.batch_size),
-            precision=str(cfg.precision),
-        )
+        kwargs = {"batch_size": int(cfg.eval.batch_size), "precision": str(cfg.precision)}
+        if adapt == "none":
+            stats = evaluate(model, s.split(split), device, **kwargs)
+        else:
+            settings = AdaptSettings.from_config(cfg.get("adapt"))
+            stats = evaluate_adapted(model, s.split(split), adapt, device, settings, **kwargs)
         out[s.name] = summarize(stats)
         if not confusion:
             del out[s.name]["confusion"]
@@ -78,6 +81,7 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
     share = {s.name: len(s.split("train")) / len(pooled) for s in train_sources}
     tracker = Tracker(cfg, run)
     optimizer_state = None  # only with train.keep_optimizer_state
+    methods = check_methods(cfg.server.get("heldout_adapt") or [])
     for r in range(0, int(cfg.rounds) + 1):
         t0 = time.monotonic()
         if r > 0:
@@ -97,8 +101,13 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
             "lambda": share,
             "train": score(model, train_sources, "val", device, cfg, confusion=False),
             "heldout": score(model, heldout, "test", device, cfg, confusion=True),
-            "seconds": time.monotonic() - t0,
         }
+        adapted = {
+            m: score(model, heldout, "test", device, cfg, confusion=True, adapt=m) for m in methods
+        }
+        if adapted and heldout:
+            row["heldout_adapted"] = adapted
+        row["seconds"] = time.monotonic() - t0
         run.append_metrics(row)
         best.offer(row, model.state_dict)
         tracker.log(row)
