@@ -1,4 +1,4 @@
-"""The ClientApp: translate Flower messages to `hdf` calls and back (DESIGN.md section 3).
+"""The ClientApp: translate Flower messages to `hdf` calls and back (docs/design.md §3).
 
 Every message carries the resolved run config as YAML (`run-config`), so a site needs nothing
 but its node config (which source, where its data lives) to take part in any run.

@@ -1,4 +1,4 @@
-"""Local training with DSM and SAM (paper Secs. 4-5) and the DRO `loss-before` probe.
+"""Local training with DSM and SAM (docs/hdf_method.md §R4-R5) and the DRO `loss-before` probe.
 
 One call of `train_local` is one client's work in one federated round (or one epoch block of the
 centralized baseline): AdamW (or SGD + momentum) wrapped in SAM, a per-step warm-up + cosine
@@ -271,7 +271,7 @@ def loss_on_sample(
     """Cross-entropy of ``model`` on a fixed, seed-chosen subset of ``num_clips`` clips.
 
     The DRO server's ``loss-before``: the received global model is scored in eval mode, before
-    local training, on the same clips for the same seed (DESIGN.md Sec. 3). The class-balanced
+    local training, on the same clips for the same seed (docs/design.md §3). The class-balanced
     mean weighs every class alike, as UAR does: on a source dominated by easy classes the plain
     mean is low while its UAR is not.
     """

@@ -1,4 +1,4 @@
-"""Reject client updates that would corrupt the global model (DESIGN.md section 6).
+"""Reject client updates that would corrupt the global model (docs/design.md §6).
 
 A reply is rejected, with the node and the reason, when it carries an error, misses a record or a
 metric key, names a source that does not train, has missing, extra or misshapen arrays, a wrong

@@ -2,7 +2,7 @@
 
 Each round the server raises the weight lambda_k of the sources whose loss under the current global
 model (`loss-before`, measured by every client before it trains) is high, and mixes the updates
-with those weights, so the worst-served source improves (DESIGN.md section 4). The modes and their
+with those weights, so the worst-served source improves (docs/design.md §4). The modes and their
 maths live in `server.strategy.dro_math` (registry `DRO_MODES`).
 """
 

@@ -21,7 +21,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class DROSettings:
-    """Settings common to every mode (DESIGN.md section 4)."""
+    """Settings common to every mode (docs/design.md §4)."""
 
     eta: float = 1.0  # step size of the exponentiated-gradient / ascent update
     eps: float = 0.1  # mixing toward the prior after each update
@@ -272,8 +272,8 @@ def keep_absent(step: np.ndarray, lam: np.ndarray, mask: np.ndarray) -> np.ndarr
     in the proportions the step gave them.
 
     A silent source carries no loss, so a step that treats it as loss 0 would cut its weight
-    (by exp(-eta * mean loss) in EG) for being offline, not for being well served (DESIGN.md:
-    a lost site's lambda is kept).
+    (by exp(-eta * mean loss) in EG) for being offline, not for being well served
+    (docs/design.md §4: a lost site's lambda is kept).
     """
     if mask.all() or not mask.any():
         return step
