@@ -127,6 +127,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         K.NUM_EXAMPLES: int(stats["num_examples"]),
         K.SOURCE_INDEX: site.source.index,
         K.LOSS: float(stats["loss"]),
+        K.LOSS_BALANCED: float(stats["loss_balanced"]),
         K.UAR: float(stats["uar"]),
         K.WAR: float(stats["war"]),
     }

@@ -29,16 +29,19 @@ def _arrays(value: float) -> dict[str, np.ndarray]:
     return {"w": np.full((2, 2), value, np.float32), "steps": np.array(4, dtype=np.int64)}
 
 
-def _strategy(cls=SourceFedAvg, **kw):
+def _strategy(cls=SourceFedAvg, sizes=(10, 10, 10), **kw):
+    """Nodes 10, 11, 12 serve sources 0, 1, 2 with `sizes` clips registered at discovery."""
     s = cls(train_sources=[0, 1, 2], source_names=NAMES, **kw)
     for node, src in [(10, 0), (11, 1), (12, 2)]:
-        s.register_node(node, src, heldout=False)
+        s.register_node(node, src, heldout=False, clips=sizes[src])
     s.current_arrays = arrays_record(GLOBAL)
     return s
 
 
-def test_fedavg_weights_by_examples() -> None:
-    s = _strategy()
+def test_fedavg_weights_by_registered_sizes() -> None:
+    """Sizes 10 and 30 registered at discovery: (1 * 10 + 2 * 30) / 40 = 1.75. A reply claiming
+    1e12 clips in the round is flagged and still weighs its registered 10 (issue 12 item 6)."""
+    s = _strategy(sizes=(10, 30, 10))
     replies = [
         train_reply(10, _arrays(1.0), source=0, num_examples=10),
         train_reply(11, _arrays(2.0), source=1, num_examples=30),
@@ -47,6 +50,13 @@ def test_fedavg_weights_by_examples() -> None:
     np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 1.75))
     assert arrays["steps"].numpy().dtype == np.int64
     assert metrics["train-loss-mean"] == pytest.approx(1.0)
+    assert s.flagged == []
+    replies[0].content[K.METRICS][K.NUM_EXAMPLES] = 10**12
+    arrays, _ = s.aggregate_train(2, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 1.75))
+    assert s.weights_by_source() == pytest.approx({0: 0.25, 1: 0.75, 2: 0.0})
+    assert [(f["round"], f["node"], f["source"]) for f in s.flagged] == [(2, 10, 0)]
+    assert "num-examples 1e+12 differs from the 10 clips registered" in s.flagged[0]["reason"]
 
 
 @pytest.mark.parametrize("cls", [SourceFedAvg, DRO])
@@ -311,7 +321,7 @@ def test_local_only_keeps_one_model_per_source() -> None:
     sent = {m.metadata.dst_node_id: m for m in s.configure_train(2, soup, ConfigRecord({}), grid)}
     for i in range(3):
         np.testing.assert_allclose(sent[10 + i].content[K.ARRAYS]["w"].numpy(), i + 1.0)
-    s.register_node(13, 3, heldout=True)
+    s.register_node(13, 3, heldout=True, clips=5)
     grid.node_ids.append(13)
     ev = {m.metadata.dst_node_id: m for m in s.configure_evaluate(1, soup, ConfigRecord({}), grid)}
     np.testing.assert_allclose(ev[11].content[K.ARRAYS]["w"].numpy(), 2.0)
@@ -348,7 +358,7 @@ def test_every_strategy_runs_two_rounds_and_resumes(conf: str, tmp_path) -> None
             source_sizes={0: 10, 1: 20, 2: 30},
         )
         for node, src in [(10, 0), (11, 1), (12, 2)]:
-            s.register_node(node, src, heldout=False)
+            s.register_node(node, src, heldout=False, clips=10 * (src + 1))
         return s
 
     grid = FakeGrid([10, 11, 12])
