@@ -132,7 +132,10 @@ class SourceFedAvg(FedAvg):
         log.warning(
             "round %d: rejected %s reply from node %s: %s", server_round, kind, node, reason
         )
-        self.rejected.append({"round": server_round, "kind": kind, "node": node, "reason": reason})
+        src = self.node_source.get(node) if node is not None else None
+        self.rejected.append(
+            {"round": server_round, "kind": kind, "node": node, "source": src, "reason": reason}
+        )
 
     def flag(self, server_round: int, node: int | None, reason: str) -> None:
         """Log a number the server replaced, or a result it refused, for the round's row."""
