@@ -124,3 +124,30 @@ def misbehaving_app(plan: Plan, other_source: Callable[[int], int]) -> ClientApp
         return tamper("query", honest.query(msg, context), msg, context)
 
     return app
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tests.misbehaving_client PID:KIND:NAME[:ROUND] ... [Hydra overrides]`: one
+    simulation with the named misbehaviours (a forged source is the next training source)."""
+    from hdf.data import build_sources
+    from server.app import open_run
+    from simulations.config import compose
+    from simulations.run import simulate
+
+    plan: Plan = {}
+    while argv and argv[0].count(":") >= 2:
+        pid, kind, name, *rnd = argv.pop(0).split(":")
+        plan[(int(pid), kind, int(rnd[0]) if rnd else None)] = name
+    cfg = compose(argv)
+    run = open_run(cfg)
+    print(f"run folder: {run.path}", flush=True)
+    k = len(build_sources(cfg.data))
+    simulate(cfg, run, misbehaving_app(plan, lambda own: (own + 1) % k))
+    print(run.path, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
