@@ -156,6 +156,9 @@ def test_the_run_finishes_and_lambda_and_model_stay_finite(runs, sim) -> None:
             assert math.isfinite(scores["loss"]) and scores["loss"] != FORGED_LOSS
     model = run.load_checkpoint()["model"]
     assert all(bool(v.float().isfinite().all()) for v in model.values())
+    report = (run.path / "report.md").read_text()
+    assert "## Rejected replies" in report
+    assert ("## Flagged numbers" in report) == any(r["flagged"] for r in rows)
 
 
 @pytest.mark.slow
@@ -189,3 +192,22 @@ def test_a_forged_query_reply_stops_a_simulation_before_round_1(tmp_path) -> Non
     with pytest.raises(DuplicateSource, match=r"nodes \d+ and \d+ both claim source index 0"):
         simulate(cfg, run, misbehaving_app(sim.plan, lambda own: 0))
     assert not (run.path / "metrics.jsonl").exists()
+
+
+def test_progress_line_counts_rejected_updates_only() -> None:
+    """3 sent, 3 replied, one train and one evaluate reply rejected: 2/3 updates, 1 flag."""
+    from server.report import format_row
+
+    row = {
+        "round": 1,
+        "sent": 3,
+        "replied": 3,
+        "rejected": [{"kind": "train"}, {"kind": "evaluate"}],
+        "flagged": [{"reason": "x"}],
+        "clients": {},
+        "lambda": {},
+        "train": {},
+        "heldout": {},
+        "seconds": 1.0,
+    }
+    assert "updates 2/3 | flagged 1 |" in format_row(row, 2)
