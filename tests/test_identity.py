@@ -27,7 +27,7 @@ def test_the_openssh_and_pem_forms_of_a_key_have_one_fingerprint() -> None:
 
 def test_registry_binds_each_key_to_its_source(tmp_path) -> None:
     (a_ssh, a_pem), (b_ssh, b_pem), (c_ssh, c_pem), (_, stranger) = _key(), _key(), _key(), _key()
-    (tmp_path / "webcam.pub").write_bytes(b_ssh)
+    (tmp_path / "webcam.pub").write_bytes(b_ssh + b" webcam\n")  # as deploy/make_certs.py writes
     registry_file = tmp_path / "sites.yaml"
     registry_file.write_text(f"studio: {a_ssh.decode()}\nwebcam: [webcam.pub, {c_ssh.decode()}]\n")
     registry = load_registry(registry_file, SOURCES)
