@@ -132,6 +132,11 @@ class Federation:
             self.num_sources,
         )
         self.simulated = is_simulation(claims)
+        if self.simulated and self.binding.registry is not None:
+            raise ValueError(
+                "server.site_registry binds deployed sites' registered keys; simulated nodes have "
+                "random keys, so none would be accepted: set server.site_registry=null"
+            )
         nodes, refused_claims, _ = self._bind(claims)
         sizes = {v["source"]: v["clips"] for v in nodes.values() if not v["heldout"]}
         self.strategy: SourceFedAvg = build_strategy(

@@ -100,3 +100,29 @@ def test_two_nodes_claiming_one_source_in_a_simulation_is_an_error() -> None:
     binding.claim(1, 0, key=None, online={1, 2}, simulated=True)
     with pytest.raises(DuplicateSource, match="nodes 1 and 2 both claim source index 0"):
         binding.claim(2, 0, key=None, online={1, 2}, simulated=True)
+
+
+@pytest.mark.slow
+def test_a_site_registry_in_a_simulation_is_refused_before_round_1(tmp_path) -> None:
+    """Simulated nodes have random keys: a registry would refuse them all, so it is an error."""
+    from server.app import open_run
+    from simulations.config import compose
+    from simulations.run import simulate
+
+    ssh, _ = _key()
+    registry = tmp_path / "sites.yaml"
+    registry.write_text(f"studio: {ssh.decode()}\n")
+    cfg = compose(
+        [
+            "experiment=tiny",
+            "data.sources=[studio,webcam]",
+            "data.heldout=[]",
+            f"server.site_registry={registry}",
+            f"data.root={tmp_path / 'cache'}",
+            f"output.root={tmp_path / 'runs'}",
+        ]
+    )
+    run = open_run(cfg)
+    with pytest.raises(ValueError, match="simulated nodes have random keys"):
+        simulate(cfg, run)
+    assert not (run.path / "metrics.jsonl").exists()
