@@ -170,6 +170,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         K.NUM_EXAMPLES: int(stats["num_examples"]),
         K.SOURCE_INDEX: site.source.index,
         **score_metrics(stats),
+        K.LOSS_BALANCED: float(stats["loss_balanced"]),
     }
     if site.heldout:
         settings = AdaptSettings.from_config(cfg.get("adapt"))

@@ -27,6 +27,7 @@ TRAIN_LOSS = "train-loss"
 TRAIN_UAR = "train-uar"
 TRAIN_WAR = "train-war"
 LOSS = "loss"
+LOSS_BALANCED = "loss-balanced"  # evaluate: class-balanced loss (checks loss-before-balanced)
 UAR = "uar"
 WAR = "war"
 RECALL_PREFIX = "recall-"  # per-class recall: "recall-0" .. "recall-6"

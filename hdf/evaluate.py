@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from hdf.device import autocast_context
-from hdf.metrics import confusion_matrix, per_class_recall, uar, war
+from hdf.metrics import balanced_cross_entropy, confusion_matrix, per_class_recall, uar, war
 
 
 @torch.no_grad()
@@ -58,7 +58,8 @@ def evaluate(
     num_workers: int = 0,
     precision: str = "auto",
 ) -> dict[str, Any]:
-    """Loss, UAR, WAR, per-class recall (NaN where a class is absent), confusion, count."""
+    """Loss (plain and class-balanced), UAR, WAR, per-class recall (NaN where a class is absent),
+    confusion, count."""
     y, p, loss = predict(
         model, dataset, device, batch_size=batch_size, num_workers=num_workers, precision=precision
     )
@@ -66,6 +67,7 @@ def evaluate(
     cm = confusion_matrix(y, pred)
     return {
         "loss": loss,
+        "loss_balanced": balanced_cross_entropy(y, p),
         "uar": uar(y, pred),
         "war": war(y, pred),
         "recall": per_class_recall(cm).tolist(),

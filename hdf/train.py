@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from hdf.device import autocast_context, autocast_dtype
 from hdf.evaluate import predict
 from hdf.losses.dsm import DSMLoss
-from hdf.metrics import uar, war
+from hdf.metrics import balanced_cross_entropy, uar, war
 from hdf.optim.base import build_optimizer, export_state, import_state
 from hdf.optim.sam import SAM
 from hdf.optim.schedule import cosine_with_warmup
@@ -282,6 +282,4 @@ def loss_on_sample(
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:k]
     subset = Subset(dataset, sorted(idx.tolist()))
     labels, probs, loss = predict(model, subset, torch.device(device), batch_size=int(batch_size))
-    ce = -np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12))
-    balanced = np.mean([ce[labels == c].mean() for c in np.unique(labels)])
-    return SampleLoss(float(loss), float(balanced))
+    return SampleLoss(float(loss), balanced_cross_entropy(labels, probs))

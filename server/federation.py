@@ -27,43 +27,46 @@ from hdf.evaluate import summarize
 from hdf.models import build_model
 from hdf.optim.schedule import round_lr
 from server.heldout import HeldoutEvaluator
+from server.identity import SourceBinding, load_registry
 from server.outputs import RunFolder, rng_state, set_rng_state
 from server.report import format_row
 from server.selection import BestModel
 from server.strategy import ServerOptimizer, ServerOptSettings, SourceFedAvg, build_strategy
 from server.tracking import Tracker
+from server.validation import query_reply
 
 log = logging.getLogger(__name__)
 QUERY_TIMEOUT_S = 300.0  # a site builds its data set and model when first asked
 
 
-def query_nodes(grid: Grid, cfg_yaml: str, nodes: list[int]) -> dict[int, dict[str, int]]:
-    """Ask `nodes` which source each serves: node id -> {source, heldout, clips, partitions}."""
+Claims = dict[int, dict[str, int]]  # node id -> {source, heldout, clips, partitions}
+
+
+def query_nodes(
+    grid: Grid, cfg_yaml: str, nodes: list[int], heldout: set[int], num_sources: int
+) -> tuple[Claims, dict[int, str]]:
+    """Ask `nodes` which source each serves: (checked claims, node -> why its reply is refused).
+
+    `heldout` and `num_sources` are the run's own view (`server.validation.query_reply`).
+    """
     if not nodes:
-        return {}
+        return {}, {}
     content = RecordDict({K.CONFIG: ConfigRecord({K.RUN_CONFIG: cfg_yaml})})
     msgs = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    found: dict[int, dict[str, int]] = {}
+    found: Claims = {}
+    refused: dict[int, str] = {}
     for reply in grid.send_and_receive(msgs, timeout=QUERY_TIMEOUT_S):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log.warning(
-                "node %s could not say which source it serves: %s", node, reply.error.reason
-            )
-            continue
-        m = reply.content[K.METRICS]
-        found[node] = {
-            "source": int(m[K.SOURCE_INDEX]),
-            "heldout": int(m[K.HELDOUT]),
-            "clips": int(m[K.NUM_EXAMPLES]),
-            "partitions": int(m.get(K.NUM_PARTITIONS, 0)),
-        }
-    return found
+        claim = query_reply(reply, heldout, num_sources)
+        if isinstance(claim, str):
+            refused[reply.metadata.src_node_id] = claim
+        else:
+            found[reply.metadata.src_node_id] = claim
+    return found, refused
 
 
 def discover_nodes(
-    grid: Grid, cfg_yaml: str, expected: int, wait_s: float
-) -> dict[int, dict[str, int]]:
+    grid: Grid, cfg_yaml: str, expected: int, wait_s: float, heldout: set[int], num_sources: int
+) -> tuple[Claims, dict[int, str]]:
     """Query nodes until `expected` have answered or `wait_s` passed.
 
     In simulation every virtual node exists from the start and reports how many partitions the
@@ -71,14 +74,15 @@ def discover_nodes(
     than training sources (`flwr run .` starts 2 SuperNodes unless told otherwise).
     """
     deadline = time.monotonic() + wait_s
-    found: dict[int, dict[str, int]] = {}
+    found: Claims = {}
+    refused: dict[int, str] = {}
     while True:
-        new = [n for n in grid.get_node_ids() if n not in found]
-        found.update(query_nodes(grid, cfg_yaml, new))
-        partitions = {v["partitions"] for v in found.values()}
-        simulated = len(partitions) == 1 and 0 not in partitions and len(found) >= min(partitions)
-        if len(found) >= expected or simulated or time.monotonic() >= deadline:
-            return found
+        new = [n for n in grid.get_node_ids() if n not in found and n not in refused]
+        claims, bad = query_nodes(grid, cfg_yaml, new, heldout, num_sources)
+        found.update(claims)
+        refused.update(bad)
+        if len(found) >= expected or is_simulation(found) or time.monotonic() >= deadline:
+            return found, refused
         time.sleep(1.0)
 
 
@@ -125,6 +129,12 @@ def eval_rows(
     return train, held, adapted
 
 
+def is_simulation(claims: Claims) -> bool:
+    """Every node reported the same simulated federation size and all of them answered."""
+    partitions = {v["partitions"] for v in claims.values()}
+    return len(partitions) == 1 and 0 not in partitions and len(claims) >= min(partitions)
+
+
 def lr_of_round(cfg: DictConfig, server_round: int) -> float:
     """The clients' learning rate in `server_round` (warm-up then cosine over the rounds)."""
     t = cfg.train
@@ -145,6 +155,14 @@ class Federation:
             sources, list(cfg.data.heldout or []), cfg.data.get("train")
         )
         self.names = {s.index: s.name for s in sources}
+        self.num_sources = len(sources)
+        self.heldout_indices = {s.index for s in self.heldout_sources}
+        registry_file = cfg.server.get("site_registry")
+        self.binding = SourceBinding(
+            load_registry(registry_file, {s.name: s.index for s in sources})
+            if registry_file
+            else None
+        )
         model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
         self.arrays = ArrayRecord(model.state_dict())
         server_eval = str(cfg.server.heldout_eval) == "server"
@@ -153,7 +171,21 @@ class Federation:
         self.heldout_adapted: dict[str, dict[str, Any]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heldout-eval")
         expected = len(self.train_sources) + (0 if server_eval else len(self.heldout_sources))
-        nodes = discover_nodes(grid, self.cfg_yaml, expected, float(cfg.server.wait_for_nodes_s))
+        claims, refused = discover_nodes(
+            grid,
+            self.cfg_yaml,
+            expected,
+            float(cfg.server.wait_for_nodes_s),
+            self.heldout_indices,
+            self.num_sources,
+        )
+        self.simulated = is_simulation(claims)
+        if self.simulated and self.binding.registry is not None:
+            raise ValueError(
+                "server.site_registry binds deployed sites' registered keys; simulated nodes have "
+                "random keys, so none would be accepted: set server.site_registry=null"
+            )
+        nodes, refused_claims, _ = self._bind(claims)
         sizes = {v["source"]: v["clips"] for v in nodes.values() if not v["heldout"]}
         self.strategy: SourceFedAvg = build_strategy(
             cfg.strategy,
@@ -165,8 +197,9 @@ class Federation:
                 ServerOptSettings.from_config(cfg.get("server_opt") or {}),
                 buffers=[name for name, _ in model.named_buffers()],
             ),
+            loss_tolerance=float(cfg.server.loss_tolerance),
         )
-        self._register(nodes)
+        self._register(nodes, {**refused, **refused_claims}, [], server_round=0)
         missing = {s.name for s in self.train_sources} - {
             self.names[v["source"]] for v in nodes.values() if not v["heldout"]
         }
@@ -195,9 +228,40 @@ class Federation:
         self.best = BestModel(run.path, self.cfg_yaml)
         self.start_round = 1
 
-    def _register(self, nodes: dict[int, dict[str, int]]) -> None:
+    def _bind(self, claims: Claims) -> tuple[Claims, dict[int, str], list[int]]:
+        """(accepted claims, node -> why refused, nodes whose source went to a new node).
+
+        `server.identity.SourceBinding` decides; in a simulation two nodes claiming one source
+        raise `DuplicateSource` before round 1.
+        """
+        keys: dict[int, bytes] = {}
+        if self.binding.registry is not None:
+            keys = {int(n.node_id): bytes(n.public_key) for n in self.grid.get_nodes()}
+        online = set(self.grid.get_node_ids())
+        accepted: Claims = {}
+        refused: dict[int, str] = {}
+        replaced: list[int] = []
+        for node, v in sorted(claims.items()):
+            why, gone = self.binding.claim(
+                node, v["source"], key=keys.get(node), online=online, simulated=self.simulated
+            )
+            replaced += gone
+            if why is None:
+                accepted[node] = v
+            else:
+                refused[node] = why
+        return accepted, refused, replaced
+
+    def _register(
+        self, nodes: Claims, refused: dict[int, str], replaced: list[int], server_round: int
+    ) -> None:
+        for node in replaced:
+            log.warning("node %s no longer serves its source: a new node took it over", node)
+            self.strategy.forget_node(node)
         for node, v in nodes.items():
-            self.strategy.register_node(node, v["source"], bool(v["heldout"]))
+            self.strategy.register_node(node, v["source"], bool(v["heldout"]), v["clips"])
+        for node, why in refused.items():
+            self.strategy.reject(server_round, node, why, "query")
 
     # ---- resume ------------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -270,8 +334,17 @@ class Federation:
     def round(self, server_round: int) -> dict[str, Any]:
         t0 = time.monotonic()
         # sites that (re)joined since the last round get new node ids: ask them who they are
-        new = [n for n in self.grid.get_node_ids() if n not in self.strategy.node_source]
-        self._register(query_nodes(self.grid, self.cfg_yaml, new))
+        known = {r["node"] for r in self.strategy.rejected if r["kind"] == "query"}
+        new = [
+            n
+            for n in self.grid.get_node_ids()
+            if n not in self.strategy.node_source and n not in known
+        ]
+        claims, refused = query_nodes(
+            self.grid, self.cfg_yaml, new, self.heldout_indices, self.num_sources
+        )
+        nodes, refused_claims, replaced = self._bind(claims)
+        self._register(nodes, {**refused, **refused_claims}, replaced, server_round)
         self.train_config[K.LR] = lr_of_round(self.cfg, server_round)
         msgs = self.strategy.configure_train(
             server_round, self.arrays, self.train_config, self.grid
@@ -289,7 +362,8 @@ class Federation:
             self.names[src]: {
                 "loss_before": r[K.LOSS_BEFORE],
                 "train_loss": r[K.TRAIN_LOSS],
-                "train_uar": r[K.TRAIN_UAR],
+                "train_uar": r.get(K.TRAIN_UAR),
+                "update_norm": self.strategy.update_norm.get(src),
             }
             for src, r in self.strategy.train_by_source.items()
         }
@@ -302,7 +376,7 @@ class Federation:
             "clients": reports,
             "sent": len(list(msgs)),
             "replied": len(replies),
-            "rejected": [r for r in self.strategy.rejected if r.get("round") == server_round],
+            **self._refusals(server_round),
             "kept_previous_model": kept,
             "seconds": time.monotonic() - t0,
         }
@@ -317,7 +391,15 @@ class Federation:
             "train": train,
             "heldout": held,
             **self.adapted_entry(),
+            **self._refusals(0),
             "seconds": time.monotonic() - t0,
+        }
+
+    def _refusals(self, server_round: int) -> dict[str, list[dict[str, Any]]]:
+        """The round's rejected replies and flagged numbers, as metrics.jsonl logs them."""
+        return {
+            "rejected": [r for r in self.strategy.rejected if r["round"] == server_round],
+            "flagged": [f for f in self.strategy.flagged if f["round"] == server_round],
         }
 
     def show(self, row: dict[str, Any]) -> None:

@@ -46,7 +46,10 @@ def format_row(row: dict[str, Any], rounds: int) -> str:
     train, held = row["train"], row["heldout"]
     parts = [f"round {row['round']:>3}/{rounds}"]
     if "replied" in row:
-        parts.append(f"updates {row['replied'] - len(row['rejected'])}/{row['sent']}")
+        bad = sum(r.get("kind", "train") == "train" for r in row["rejected"])
+        parts.append(f"updates {row['replied'] - bad}/{row['sent']}")
+        if row.get("flagged"):
+            parts.append(f"flagged {len(row['flagged'])}")
         if row["clients"]:
             lb = [c["loss_before"] for c in row["clients"].values()]
             top = max((float(x) for x in lb if _finite(x)), default=None)
@@ -208,8 +211,21 @@ def write_report(run: RunFolder) -> Path:
         lines += ["![held-out UAR](heldout_uar.png)", ""]
     rejected = [r for row in rows for r in row.get("rejected", [])]
     if rejected:
-        lines += ["## Rejected updates", "", "| round | node | reason |", "|---|---|---|"]
-        lines += [f"| {r['round']} | {r['node']} | {r['reason']} |" for r in rejected]
+        lines += [
+            "## Rejected replies",
+            "",
+            "| round | kind | node | reason |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['round']} | {r.get('kind', 'train')} | {r['node']} | {r['reason']} |"
+            for r in rejected
+        ]
+        lines.append("")
+    flagged = [f for row in rows for f in row.get("flagged", [])]
+    if flagged:
+        lines += ["## Flagged numbers", "", "| round | node | reason |", "|---|---|---|"]
+        lines += [f"| {f['round']} | {f['node']} | {f['reason']} |" for f in flagged]
     path = run.path / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

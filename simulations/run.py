@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 for _k, _v in {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -44,13 +45,19 @@ def check_simulation(cfg: DictConfig) -> None:
         )
 
 
-def simulate(cfg: DictConfig, run: RunFolder) -> None:
-    """Run the federation of `cfg` in-process with Flower's simulation engine."""
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
+
+
+def simulate(cfg: DictConfig, run: RunFolder, client_app: ClientApp | None = None) -> None:
+    """Run the federation of `cfg` in-process with Flower's simulation engine (`client_app`:
+    the project's ClientApp unless another is given, e.g. a misbehaving one in tests)."""
     import warnings
 
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
+    if client_app is None:
+        from client.app import app as client_app
 
     check_simulation(cfg)
     train, _ = split_sources(

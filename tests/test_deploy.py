@@ -218,14 +218,18 @@ def test_compose_federation_is_tls_authenticated_and_one_site_per_source(compose
 # ---- node authentication on loopback -----------------------------------------------------------
 @pytest.mark.slow
 def test_only_registered_supernodes_join(tmp_path: Path, monkeypatch) -> None:
-    """TLS + --enable-supernode-auth: registered key joins, unknown key and no key are refused."""
+    """TLS + --enable-supernode-auth: registered keys join, unknown key and no key are refused.
+
+    Then a one-round run with `server.site_registry` (studio: good's key, webcam: liar's key):
+    the ServerApp sees each node's registered key, so liar, registered for webcam but claiming
+    studio, is refused with the reason in metrics.jsonl and studio trains alone."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     certs = tmp_path / "certs"
-    make_certs(["--out", str(certs), "--node", "good", "--node", "rogue"])
+    make_certs(["--out", str(certs), "--node", "good", "--node", "rogue", "--node", "liar"])
     home = tmp_path / "cli"
     env = _env(home)
     monkeypatch.setenv("FLWR_HOME", str(home))
@@ -260,17 +264,20 @@ def test_only_registered_supernodes_join(tmp_path: Path, monkeypatch) -> None:
             "SuperLink start", None,
         )  # fmt: skip
         assert link.poll() is None
-        assert flwr("supernode", "register", str(certs / "nodes/good.pub"), "hdf")["success"]
+        for key in ("good", "liar"):
+            assert flwr("supernode", "register", str(certs / f"nodes/{key}.pub"), "hdf")["success"]
 
         def node(key: str | None, name: str, node_port: int) -> subprocess.Popen:
+            config = f'source="studio" data-root="{tmp_path / name}"'
             cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
                    "--root-certificates", str(certs / "ca.crt"), "--port", str(node_port),
-                   "--node-config", f'source="{name}"', "--max-retries", "1"]  # fmt: skip
+                   "--node-config", config, "--max-retries", "1"]  # fmt: skip
             if key:
                 cmd += ["--auth-supernode-private-key", str(certs / "nodes" / key)]
             return start(cmd, f"{name}.log")
 
         good = node("good", "good", port + 1)
+        liar = node("liar", "liar", port + 4)
         rogue = node("rogue", "rogue", port + 2)
         keyless = node(None, "keyless", port + 3)
         rogue.wait(timeout=60)
@@ -279,10 +286,31 @@ def test_only_registered_supernodes_join(tmp_path: Path, monkeypatch) -> None:
         assert "Failed to activate SuperNode" in (tmp_path / "rogue.log").read_text()
         assert "must be registered" in (tmp_path / "keyless.log").read_text()
         cl.Cluster.wait_for(
-            lambda: [n["status"] for n in flwr("supernode", "list", "hdf")["nodes"]] == ["online"],
-            60, "registered node online", None,
+            lambda: [n["status"] for n in flwr("supernode", "list", "hdf")["nodes"]]
+            == ["online", "online"],
+            60, "registered nodes online", None,
         )  # fmt: skip
-        assert good.poll() is None
+        assert good.poll() is None and liar.poll() is None
+
+        registry = tmp_path / "sites.yaml"
+        registry.write_text(f"studio: {certs}/nodes/good.pub\nwebcam: {certs}/nodes/liar.pub\n")
+        run_dir = tmp_path / "run"
+        overrides = (
+            "experiment=tiny data.sources=[studio,webcam] data.heldout=[] rounds=1 "
+            f"server.site_registry={registry} server.wait_for_nodes_s=5"
+        )
+        out = flwr(
+            "run", ".", "hdf", "--run-config", f"overrides='{overrides}' run-dir='{run_dir}'"
+        )
+        status, deadline = "", time.monotonic() + 300
+        while not status.startswith("finished") and time.monotonic() < deadline:
+            time.sleep(3)
+            status = flwr("ls", "hdf", "--run-id", str(out["run-id"]))["runs"][0]["status"]
+        assert status == "finished:completed", status
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        refused = [(r["kind"], r["reason"]) for r in rows[0]["rejected"]]
+        assert refused == [("query", "claims source 0 but its key is registered for source 1")]
+        assert set(rows[1]["clients"]) == {"studio"}
     finally:
         for p in reversed(procs):
             if p.poll() is None:

@@ -12,7 +12,9 @@ from server.strategy.dro_math import (
     excess_loss,
     feddg_ga_step,
     fill_losses,
+    limit_step,
     linear_decay,
+    on_capped_simplex,
     project_capped_simplex,
     project_capped_simplex_euclid,
     qffl_weights,
@@ -165,6 +167,47 @@ def test_cap_holds_when_one_source_reports_100x(mode: str) -> None:
         assert lam.sum() == pytest.approx(1.0)
     expected = [0.4, 0.2, 0.4] if mode == "cvar" else [0.3, 0.3, 0.4]
     np.testing.assert_allclose(lam, expected, atol=1e-9)
+
+
+def test_limit_step_by_hand() -> None:
+    """From uniform over 5 toward (.5, .125 x4): the largest move .3 exceeds .1, so a third of
+    the step is taken: (.3, .175 x4), still summing to 1. A small step is taken whole."""
+    old = np.full(5, 0.2)
+    new = np.array([0.5, 0.125, 0.125, 0.125, 0.125])
+    np.testing.assert_allclose(limit_step(old, new, 0.1), [0.3, 0.175, 0.175, 0.175, 0.175])
+    np.testing.assert_allclose(limit_step(old, new, 0.3), new)
+    with pytest.raises(ValueError, match="max_step must be > 0"):
+        limit_step(old, new, 0.0)
+
+
+@pytest.mark.parametrize("mode", sorted(DRO_MODES))
+def test_a_liar_moves_lambda_at_most_max_step_per_round(mode: str) -> None:
+    """The 100x liar above with max_step .05. eg, round 1 by hand: the unbounded update is
+    (.3, .3, .4) (source 2 capped); the move (-1/30, -1/30, 1/15) is shortened by .05 / (1/15)
+    = .75: (.308333, .308333, .383333). In every mode no weight moves more than .05 a round."""
+    s = DROSettings(eta=1.0, eps=0.0, cap=0.4, tau=1.0, alpha=0.5, max_step=0.05)
+    lam = UNIFORM.copy()
+    for r in range(20):
+        new = update_lambda(mode, lam, np.array([1.0, 1.0, 100.0]), ALL, UNIFORM, s)
+        assert np.abs(new - lam).max() <= 0.05 + 1e-12
+        assert on_capped_simplex(new, 0.4)
+        if mode == "eg" and r == 0:
+            np.testing.assert_allclose(new, [0.308333, 0.308333, 0.383333], atol=1e-6)
+        lam = new
+
+
+def test_negative_or_infinite_losses_are_refused_not_clipped() -> None:
+    s = DROSettings()
+    for bad in (-0.5, np.inf):
+        with pytest.raises(ValueError, match="losses must be finite and >= 0"):
+            update_lambda("eg", UNIFORM, np.array([1.0, bad, 1.0]), ALL, UNIFORM, s)
+
+
+def test_on_capped_simplex() -> None:
+    assert on_capped_simplex(np.array([0.2, 0.3, 0.5]), 0.5)
+    assert not on_capped_simplex(np.array([0.2, 0.2, 0.6]), 0.5)
+    assert not on_capped_simplex(np.array([np.nan, 0.5, 0.5]), 0.5)
+    assert not on_capped_simplex(np.array([0.2, 0.3, 0.4]), 0.5)
 
 
 def test_projection_keeps_feasible_points_and_rejects_impossible_caps() -> None:

@@ -144,7 +144,7 @@ def test_every_strategy_steps_its_own_mix(conf: str) -> None:
             server_opt=opt,
         )
         for node, src in [(10, 0), (11, 1), (12, 2)]:
-            s.register_node(node, src, heldout=False)
+            s.register_node(node, src, heldout=False, clips=10 * (src + 1))
         return s
 
     plain = build(None)

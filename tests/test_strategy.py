@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from hdf import contract as K
 from hdf.torchfile import load_torch_file
@@ -19,7 +19,7 @@ from server.strategy import (
 from server.strategy.dro_math import update_lambda
 from simulations.config import CONF_DIR as CONF
 from simulations.config import compose
-from tests.fedmock import FakeGrid, arrays_record, eval_reply, train_reply
+from tests.fedmock import FakeGrid, arrays_record, eval_reply, instruction, train_reply
 
 NAMES = {0: "a", 1: "b", 2: "c", 3: "held"}
 GLOBAL = {"w": np.zeros((2, 2), np.float32), "steps": np.array(4, dtype=np.int64)}
@@ -29,16 +29,19 @@ def _arrays(value: float) -> dict[str, np.ndarray]:
     return {"w": np.full((2, 2), value, np.float32), "steps": np.array(4, dtype=np.int64)}
 
 
-def _strategy(cls=SourceFedAvg, **kw):
+def _strategy(cls=SourceFedAvg, sizes=(10, 10, 10), **kw):
+    """Nodes 10, 11, 12 serve sources 0, 1, 2 with `sizes` clips registered at discovery."""
     s = cls(train_sources=[0, 1, 2], source_names=NAMES, **kw)
     for node, src in [(10, 0), (11, 1), (12, 2)]:
-        s.register_node(node, src, heldout=False)
+        s.register_node(node, src, heldout=False, clips=sizes[src])
     s.current_arrays = arrays_record(GLOBAL)
     return s
 
 
-def test_fedavg_weights_by_examples() -> None:
-    s = _strategy()
+def test_fedavg_weights_by_registered_sizes() -> None:
+    """Sizes 10 and 30 registered at discovery: (1 * 10 + 2 * 30) / 40 = 1.75. A reply claiming
+    1e12 clips in the round is flagged and still weighs its registered 10 (issue 12 item 6)."""
+    s = _strategy(sizes=(10, 30, 10))
     replies = [
         train_reply(10, _arrays(1.0), source=0, num_examples=10),
         train_reply(11, _arrays(2.0), source=1, num_examples=30),
@@ -47,6 +50,13 @@ def test_fedavg_weights_by_examples() -> None:
     np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 1.75))
     assert arrays["steps"].numpy().dtype == np.int64
     assert metrics["train-loss-mean"] == pytest.approx(1.0)
+    assert s.flagged == []
+    replies[0].content[K.METRICS][K.NUM_EXAMPLES] = 10**12
+    arrays, _ = s.aggregate_train(2, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 1.75))
+    assert s.weights_by_source() == pytest.approx({0: 0.25, 1: 0.75, 2: 0.0})
+    assert [(f["round"], f["node"], f["source"]) for f in s.flagged] == [(2, 10, 0)]
+    assert "num-examples 1e+12 differs from the 10 clips registered" in s.flagged[0]["reason"]
 
 
 @pytest.mark.parametrize("cls", [SourceFedAvg, DRO])
@@ -155,6 +165,135 @@ def test_norm_outlier_rejected() -> None:
     assert [r["node"] for r in s.rejected] == [12]
     assert "norm" in s.rejected[0]["reason"]
     np.testing.assert_allclose(out["w"].numpy(), np.full((2, 2), 1.1), rtol=1e-6)
+
+
+def test_a_x1000_update_is_rejected_with_two_replies() -> None:
+    """Global w = 1 (norm 2 over 4 elements): bound 10 * 2 = 20. The honest update w = 1.1 has
+    norm .2; w = 1000 has 2 * 999 = 1998 and is rejected, so the mix is the honest 1.1. The
+    accepted norm is remembered across a checkpoint for the next rounds' median."""
+    s = _strategy()
+    s.current_arrays = arrays_record(_arrays(1.0))
+    out, _ = s.aggregate_train(
+        1,
+        [train_reply(10, _arrays(1.1), source=0), train_reply(11, _arrays(1000.0), source=1)],
+    )
+    np.testing.assert_allclose(out["w"].numpy(), np.full((2, 2), 1.1), rtol=1e-6)
+    assert [(r["node"], r["kind"]) for r in s.rejected] == [(11, "train")]
+    assert "update norm 2e+03 is over 10x the global model's norm 2" in s.rejected[0]["reason"]
+    assert s.norm_history == pytest.approx([0.2], rel=1e-5)
+    t = _strategy()
+    t.load_state_dict(s.state_dict())
+    assert t.norm_history == s.norm_history
+
+
+def test_a_dro_liar_is_flagged_and_counts_with_the_seen_validation_loss() -> None:
+    """Validation losses of the model sent: (1, 2, 3). Source 2 reports 300: over 2x its 3, so
+    lambda moves on (1, 2, 3): the eg round of test_dro_math, (.155403, .344597, .5). Without
+    the check it would move on the clipped 10."""
+    settings = DROSettings(eta=1.0, eps=0.1, cap=0.5)
+    s = _strategy(DRO, settings=settings)
+    s.aggregate_evaluate(0, [eval_reply(10 + i, source=i, loss=1.0 + i) for i in range(3)])
+    _round(s, 1, [1.0, 2.0, 300.0])
+    np.testing.assert_allclose(s.lam, [0.155403, 0.344597, 0.5], atol=2e-6)
+    assert [(f["node"], f["source"]) for f in s.flagged] == [(12, 2)]
+    assert "loss-before 300 is over 2x the server-seen validation loss 3" in s.flagged[0]["reason"]
+    np.testing.assert_allclose(s.loss_memory, [1.0, 2.0, 3.0])
+
+
+def test_balanced_dro_checks_against_the_balanced_validation_loss() -> None:
+    """loss=balanced compares loss-before-balanced with the evaluate reply's loss-balanced
+    (here 1.5 for every source): a balanced 4 is replaced by 1.5, a NaN one is rejected."""
+    settings = DROSettings(eta=1.0, eps=0.1, cap=0.6)
+    s = _strategy(DRO, settings=settings, loss="balanced")
+    evals = [eval_reply(10 + i, source=i, loss=1.0) for i in range(3)]
+    for m in evals:
+        m.content[K.METRICS][K.LOSS_BALANCED] = 1.5
+    s.aggregate_evaluate(0, evals)
+    replies = [train_reply(10 + i, _arrays(float(i)), source=i) for i in range(3)]
+    for m, balanced in zip(replies, [1.0, 4.0, float("nan")], strict=True):
+        m.content[K.METRICS][K.LOSS_BEFORE_BALANCED] = balanced
+    s.aggregate_train(1, replies)
+    assert [r["node"] for r in s.rejected] == [12]
+    assert "'loss-before-balanced' is not finite" in s.rejected[0]["reason"]
+    u = np.full(3, 1 / 3)
+    expected = update_lambda(
+        "eg", u, np.array([1.0, 1.5, 0.0]), np.array([1, 1, 0], bool), u, settings
+    )
+    np.testing.assert_allclose(s.lam, expected)
+    assert np.isfinite(s.lam).all()
+
+
+def test_evaluate_replies_are_validated_and_never_overwrite_another_source() -> None:
+    s = _strategy()
+    empty = instruction(12, kind=MessageType.EVALUATE)
+    replies = [
+        eval_reply(10, source=0, loss=0.5),
+        eval_reply(11, source=0, loss=9.0),  # node 11 serves source 1
+        Message(content=RecordDict({}), reply_to=empty),
+    ]
+    s.aggregate_evaluate(3, replies)
+    assert s.eval_by_source[0][K.LOSS] == 0.5 and set(s.eval_by_source) == {0}
+    assert [(r["round"], r["kind"], r["node"]) for r in s.rejected] == [
+        (3, "evaluate", 11),
+        (3, "evaluate", 12),
+    ]
+    assert s.rejected[0]["reason"] == "reports source 0 but registered as source 1"
+    assert s.val_loss == {0: 0.5}
+
+
+def test_a_non_finite_lambda_is_refused_and_the_previous_kept(monkeypatch) -> None:
+    """The invariant holds even if the maths misbehave: a NaN lambda is never taken."""
+    import server.strategy.dro as dro
+
+    s = _strategy(DRO)
+    before = s.lam.copy()
+    monkeypatch.setattr(dro, "update_lambda", lambda *a, **k: np.full(3, np.nan))
+    out, _ = _round(s, 1, [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(s.lam, before)
+    assert "lambda update gave [nan, nan, nan]" in s.flagged[0]["reason"]
+    np.testing.assert_allclose(out["w"].numpy(), np.full((2, 2), 1.0), rtol=1e-6)  # (0+1+2)/3
+
+
+def test_a_non_finite_aggregate_keeps_the_previous_model(monkeypatch) -> None:
+    s = _strategy()
+    monkeypatch.setattr(s, "aggregate_updates", lambda r, replies: arrays_record(_arrays(np.inf)))
+    out, metrics = s.aggregate_train(1, [train_reply(10, _arrays(1.0), source=0)])
+    assert out is None and metrics is None
+    assert (
+        s.flagged[0]["reason"] == "the aggregated model holds NaN or Inf: kept the previous model"
+    )
+
+
+class _QueryGrid(FakeGrid):
+    """Answers query messages with prepared replies."""
+
+    def __init__(self, replies: dict[int, RecordDict]) -> None:
+        super().__init__(list(replies))
+        self.replies = replies
+
+    def send_and_receive(self, messages, timeout=None):
+        return [Message(content=self.replies[m.metadata.dst_node_id], reply_to=m) for m in messages]
+
+
+def test_query_replies_without_records_or_with_lies_are_refused() -> None:
+    from flwr.app import MetricRecord
+
+    from server.federation import query_nodes
+
+    good = {K.SOURCE_INDEX: 1, K.NUM_EXAMPLES: 20, K.HELDOUT: 0, K.NUM_PARTITIONS: 0}
+    grid = _QueryGrid(
+        {
+            1: RecordDict({K.METRICS: MetricRecord(good)}),
+            2: RecordDict({}),
+            3: RecordDict({K.METRICS: MetricRecord({**good, K.SOURCE_INDEX: 9})}),
+        }
+    )
+    found, refused = query_nodes(grid, "", [1, 2, 3], heldout={3}, num_sources=4)
+    assert found == {1: {"source": 1, "heldout": 0, "clips": 20, "partitions": 0}}
+    assert refused == {
+        2: "no MetricRecord 'metrics' in the reply",
+        3: "source index 9 is not a source of this run (it has 4)",
+    }
 
 
 def test_too_few_valid_updates_keep_the_previous_model() -> None:
@@ -410,7 +549,7 @@ def test_local_only_keeps_one_model_per_source() -> None:
     sent = {m.metadata.dst_node_id: m for m in s.configure_train(2, soup, ConfigRecord({}), grid)}
     for i in range(3):
         np.testing.assert_allclose(sent[10 + i].content[K.ARRAYS]["w"].numpy(), i + 1.0)
-    s.register_node(13, 3, heldout=True)
+    s.register_node(13, 3, heldout=True, clips=5)
     grid.node_ids.append(13)
     ev = {m.metadata.dst_node_id: m for m in s.configure_evaluate(1, soup, ConfigRecord({}), grid)}
     np.testing.assert_allclose(ev[11].content[K.ARRAYS]["w"].numpy(), 2.0)
@@ -447,7 +586,7 @@ def test_every_strategy_runs_two_rounds_and_resumes(conf: str, tmp_path) -> None
             source_sizes={0: 10, 1: 20, 2: 30},
         )
         for node, src in [(10, 0), (11, 1), (12, 2)]:
-            s.register_node(node, src, heldout=False)
+            s.register_node(node, src, heldout=False, clips=10 * (src + 1))
         return s
 
     grid = FakeGrid([10, 11, 12])

@@ -81,6 +81,7 @@ def _dro(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
         loss_clip=float(d["loss_clip"]),
         tau=float(d.get("tau", 1.0)),
         alpha=float(d.get("alpha", 0.5)),
+        max_step=float(d.get("max_step", 1.0)),
     )
     return DRO(
         mode=str(d["mode"]),

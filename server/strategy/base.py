@@ -1,16 +1,21 @@
 """FedAvg that knows which source each node serves (the harness every strategy shares).
 
 Flower identifies nodes by id, and ids change when a site reconnects; sources are stable. This
-class keeps the node -> source map (learned by a query message), trains only nodes of training
-sources, validates replies, and keeps every source's numbers instead of only a weighted mean.
-Subclasses override `aggregate_updates` (how valid updates become the new model) and, if they
-must send something per round, `train_config`. Whatever they mix, the optional server optimiser
-(`server_opt`, server/strategy/server_opt.py) then steps from the global model along the mix.
+class keeps the node -> source map and each node's registered size (learned by a query message),
+trains only nodes of training sources, validates every train and evaluate reply, and keeps every
+source's numbers instead of only a weighted mean. Weights come from the sizes registered at
+discovery (`size_of`), losses through the server's check against its own validation loss
+(`loss_of`); a round whose mix holds NaN or Inf keeps the previous model. Rejections and flags are
+kept per round (`rejected`, `flagged`) for metrics.jsonl. Subclasses override `aggregate_updates`
+(how valid updates become the new model) and, if they must send something per round,
+`train_config`. Whatever they mix, the optional server optimiser (`server_opt`,
+server/strategy/server_opt.py) then steps from the global model along the mix.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterable
 from typing import Any
@@ -32,7 +37,19 @@ from hdf import contract as K
 from hdf.seeding import round_seed
 from server.arrays import BLOCK, array_view
 from server.strategy.server_opt import ServerOptimizer
-from server.validation import validate_train_replies
+from server.validation import (
+    EVAL_OPTIONAL,
+    EVAL_REQUIRED,
+    NORM_HISTORY,
+    TRAIN_OPTIONAL,
+    TRAIN_REQUIRED,
+    bounded_loss,
+    evaluate_reply_problem,
+    known_metrics,
+    size_flag,
+    update_norms,
+    validate_train_replies,
+)
 
 log = logging.getLogger(__name__)
 LOCAL_NORM_MODES = ("none", "stats", "all")
@@ -61,6 +78,9 @@ class SourceFedAvg(FedAvg):
     server_opt : ServerOptimizer | None (default: None)
         Steps from the global model along `mix - global` (FedAvgM, FedAdam, FedYogi, a server
         lr); None takes the mix as the new model.
+    loss_tolerance : float (default: 2.0)
+        A `loss-before` above this multiple of the server-seen validation loss of the same
+        model is flagged and replaced by it (`server.validation.bounded_loss`).
 
     The remaining keyword arguments are FedAvg's.
     """
@@ -75,6 +95,7 @@ class SourceFedAvg(FedAvg):
         proximal_mu: float = 0.0,
         local_norm: str = "none",
         server_opt: ServerOptimizer | None = None,
+        loss_tolerance: float = 2.0,
         **fedavg_kwargs: Any,
     ) -> None:
         if local_norm not in LOCAL_NORM_MODES:
@@ -92,19 +113,64 @@ class SourceFedAvg(FedAvg):
         self.proximal_mu = proximal_mu
         self.local_norm = local_norm
         self.server_opt = server_opt
+        if loss_tolerance < 1.0:
+            raise ValueError(f"loss_tolerance must be >= 1, got {loss_tolerance}")
+        self.loss_tolerance = float(loss_tolerance)
+        self.loss_key = K.LOSS_BEFORE  # which reported loss `loss_of` reads (DRO may choose)
         self.node_source: dict[int, int] = {}  # node id -> source index
+        self.node_size: dict[int, int] = {}  # node id -> clips registered at discovery
         self.heldout_nodes: set[int] = set()
         self.current_arrays: ArrayRecord | None = None
         self.train_by_source: dict[int, dict[str, float]] = {}
+        self.round_sizes: dict[int, float] = {}  # source -> registered clips that trained
+        self.update_norm: dict[int, float] = {}  # source -> norm of its accepted update
         self.eval_by_source: dict[int, dict[str, Any]] = {}
+        # last server-seen validation losses per source (of the model clients train next)
+        self.val_loss: dict[int, float] = {}
+        self.val_fresh: set[int] = set()  # sources the last evaluation scored
+        self.val_loss_balanced: dict[int, float] = {}
+        self.norm_history: list[float] = []  # recently accepted update norms
+        self._round_loss: dict[int, float] = {}  # node -> the loss `loss_of` gives this round
         self.rejected: list[dict[str, Any]] = []
+        self.flagged: list[dict[str, Any]] = []
 
     # ---- node bookkeeping -------------------------------------------------------------------
-    def register_node(self, node_id: int, source_index: int, heldout: bool) -> None:
-        """Record what a node serves (answer to the start-of-round query)."""
+    def register_node(self, node_id: int, source_index: int, heldout: bool, clips: int) -> None:
+        """Record what a node serves and its size (its accepted answer to the query)."""
         self.node_source[node_id] = source_index
+        self.node_size[node_id] = int(clips)
         if heldout:
             self.heldout_nodes.add(node_id)
+
+    def forget_node(self, node_id: int) -> None:
+        """Drop a node whose source another node took over (a site that reconnected)."""
+        self.node_source.pop(node_id, None)
+        self.node_size.pop(node_id, None)
+        self.heldout_nodes.discard(node_id)
+
+    def reject(self, server_round: int, node: int | None, reason: str, kind: str) -> None:
+        """Log a refused reply (`kind`: train, evaluate or query) for the round's row."""
+        log.warning(
+            "round %d: rejected %s reply from node %s: %s", server_round, kind, node, reason
+        )
+        src = self.node_source.get(node) if node is not None else None
+        self.rejected.append(
+            {"round": server_round, "kind": kind, "node": node, "source": src, "reason": reason}
+        )
+
+    def flag(self, server_round: int, node: int | None, reason: str) -> None:
+        """Log a number the server replaced, or a result it refused, for the round's row."""
+        log.warning("round %d: flagged node %s: %s", server_round, node, reason)
+        src = self.node_source.get(node) if node is not None else None
+        self.flagged.append({"round": server_round, "node": node, "source": src, "reason": reason})
+
+    def size_of(self, msg: Message) -> float:
+        """A reply's weight in clips: its node's size registered at discovery (issue 12 item 6)."""
+        return float(self.node_size[msg.metadata.src_node_id])
+
+    def loss_of(self, msg: Message) -> float:
+        """A valid reply's loss-before as this round uses it (`bounded_loss`'s value)."""
+        return self._round_loss[msg.metadata.src_node_id]
 
     def training_nodes(self, grid: Grid) -> list[int]:
         online = set(grid.get_node_ids())
@@ -132,8 +198,8 @@ class SourceFedAvg(FedAvg):
         return out
 
     def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
-        """FedAvg: the mean of the updates weighted by `num-examples`."""
-        weights = [float(m.content[K.METRICS][K.NUM_EXAMPLES]) for m in replies]
+        """FedAvg: the mean of the updates weighted by each node's registered clips."""
+        weights = [self.size_of(m) for m in replies]
         return weighted_average([m.content[K.ARRAYS] for m in replies], weights)
 
     # ---- Flower's strategy hooks ------------------------------------------------------------
@@ -153,21 +219,25 @@ class SourceFedAvg(FedAvg):
         # Replies arrive in whatever order the sites finish; float sums are not associative, so
         # the mix is taken in a fixed order (source, node) to make a round reproducible.
         replies = sorted(replies, key=_reply_order)
-        valid, rejected = validate_train_replies(
-            replies, self.current_arrays, set(self.train_sources), self.node_source
+        check = validate_train_replies(
+            replies,
+            self.current_arrays,
+            set(self.train_sources),
+            self.node_source,
+            self.norm_history,
         )
-        for r in rejected:
-            r["round"] = server_round
-            log.warning(
-                "round %d: rejected update from node %s: %s", server_round, r["node"], r["reason"]
-            )
-        self.rejected.extend(rejected)
-        self.train_by_source = {
-            int(m.content[K.METRICS][K.SOURCE_INDEX]): {
-                k: float(v) for k, v in m.content[K.METRICS].items()
-            }
-            for m in valid
-        }
+        for r in check.rejected:
+            self.reject(server_round, r["node"], r["reason"], "train")
+        valid = check.valid
+        self.norm_history = (self.norm_history + check.norms)[-NORM_HISTORY:]
+        self.train_by_source, self.round_sizes, self.update_norm = {}, {}, {}
+        for m, norm in zip(valid, check.norms, strict=True):
+            metrics = m.content[K.METRICS]
+            src = int(metrics[K.SOURCE_INDEX])
+            self.train_by_source[src] = known_metrics(metrics, TRAIN_REQUIRED, TRAIN_OPTIONAL)
+            self.round_sizes[src] = self.round_sizes.get(src, 0.0) + self.size_of(m)
+            self.update_norm[src] = norm
+        self._check_reported_numbers(server_round, valid)
         if len(valid) < max(1, self.min_train_replies):
             log.warning(
                 "round %d: %d valid updates (< %d needed): keeping the previous model",
@@ -179,7 +249,34 @@ class SourceFedAvg(FedAvg):
         arrays = self.aggregate_updates(server_round, valid)
         if arrays is not None and self.server_opt is not None and self.current_arrays is not None:
             arrays = self.server_opt.step(self.current_arrays, arrays)
+        if arrays is not None and not math.isfinite(update_norms([arrays], None)[0]):
+            self.flag(
+                server_round, None, "the aggregated model holds NaN or Inf: kept the previous model"
+            )
+            return None, None
         return arrays, self.train_summary()
+
+    def _check_reported_numbers(self, server_round: int, valid: list[Message]) -> None:
+        """Flag sizes that differ from the registered ones and losses the server's own
+        validation loss contradicts; remember the loss each reply counts with (`loss_of`)."""
+        self._round_loss = {}
+        for m in valid:
+            node, metrics = m.metadata.src_node_id, m.content[K.METRICS]
+            if (why := size_flag(float(metrics[K.NUM_EXAMPLES]), self.node_size[node])) is not None:
+                self.flag(server_round, node, why)
+            src = int(metrics[K.SOURCE_INDEX])
+            value, why = bounded_loss(
+                reported_loss(metrics, self.loss_key), self.seen_loss(src), self.loss_tolerance
+            )
+            if why is not None:
+                self.flag(server_round, node, why)
+            self._round_loss[node] = value
+
+    def seen_loss(self, source: int) -> float | None:
+        """The last server-seen validation loss of `source` that compares with `loss_key`."""
+        if self.loss_key == K.LOSS_BEFORE_BALANCED and source in self.val_loss_balanced:
+            return self.val_loss_balanced[source]
+        return self.val_loss.get(source)
 
     def train_summary(self) -> MetricRecord:
         rows = list(self.train_by_source.values())
@@ -234,17 +331,18 @@ class SourceFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         self.eval_by_source = {}
+        self.val_fresh = set()
         for m in replies:
-            if m.has_error():
-                log.warning(
-                    "round %d: evaluation failed on node %s: %s",
-                    server_round,
-                    m.metadata.src_node_id,
-                    m.error.reason,
-                )
+            if (why := evaluate_reply_problem(m, self.node_source)) is not None:
+                self.reject(server_round, m.metadata.src_node_id, why, "evaluate")
                 continue
             mr = m.content[K.METRICS]
-            self.eval_by_source[int(mr[K.SOURCE_INDEX])] = {k: float(v) for k, v in mr.items()}
+            src = int(mr[K.SOURCE_INDEX])
+            self.eval_by_source[src] = known_metrics(mr, EVAL_REQUIRED, EVAL_OPTIONAL)
+            self.val_loss[src] = float(mr[K.LOSS])
+            self.val_fresh.add(src)
+            if K.LOSS_BALANCED in mr:
+                self.val_loss_balanced[src] = float(mr[K.LOSS_BALANCED])
         train_rows = [v for s, v in self.eval_by_source.items() if s in self.train_sources]
         if not train_rows:
             return None
@@ -257,16 +355,29 @@ class SourceFedAvg(FedAvg):
 
     # ---- checkpointed state -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """What the checks need across a resume: recent update norms, last validation losses.
+
+        Subclasses extend it (`{**super().state_dict(), ...}`).
+        """
+        return {
+            "norm_history": list(self.norm_history),
+            "val_loss": dict(self.val_loss),
+            "val_fresh": sorted(self.val_fresh),
+            "val_loss_balanced": dict(self.val_loss_balanced),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` saved (FedAvg keeps nothing between rounds)."""
+        """Restore what `state_dict` saved."""
+        self.norm_history = [float(x) for x in state.get("norm_history", [])]
+        self.val_loss = {int(s): float(v) for s, v in state.get("val_loss", {}).items()}
+        self.val_fresh = {int(s) for s in state.get("val_fresh", self.val_loss)}
+        self.val_loss_balanced = {
+            int(s): float(v) for s, v in state.get("val_loss_balanced", {}).items()
+        }
 
     def weights_by_source(self) -> dict[int, float]:
         """The current mixing weight of each training source (what `lambda` logs)."""
-        sizes = {
-            s: self.train_by_source.get(s, {}).get(K.NUM_EXAMPLES, 0.0) for s in self.train_sources
-        }
+        sizes = {s: self.round_sizes.get(s, 0.0) for s in self.train_sources}
         total = sum(sizes.values())
         if total <= 0:
             return {s: 1.0 / len(self.train_sources) for s in self.train_sources}
@@ -277,10 +388,16 @@ def _reply_order(msg: Message) -> tuple[int, int]:
     """(source index, node id); replies without a readable source index sort first."""
     src = -1
     if not msg.has_error():
-        metrics = msg.content.get(K.METRICS)
-        if metrics is not None and K.SOURCE_INDEX in metrics:
-            src = int(metrics[K.SOURCE_INDEX])
+        metrics = msg.content.metric_records.get(K.METRICS)
+        value = metrics.get(K.SOURCE_INDEX) if metrics is not None else None
+        if isinstance(value, int | float) and math.isfinite(value):
+            src = int(value)
     return src, int(msg.metadata.src_node_id)
+
+
+def reported_loss(metrics: MetricRecord, key: str) -> float:
+    """The chosen loss-before of a reply; the plain one when the client did not send it."""
+    return float(metrics[key] if key in metrics else metrics[K.LOSS_BEFORE])
 
 
 def weighted_average(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:

@@ -8,7 +8,7 @@ maths live in `server.strategy.dro_math` (registry `DRO_MODES`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from server.strategy.dro_math import (
     ema,
     excess_loss,
     get_mode,
+    on_capped_simplex,
     sample_by_weight,
     update_lambda,
 )
@@ -32,7 +33,11 @@ class DRO(SourceFedAvg):
     """Source-weighted FedAvg whose weights solve the max over source mixtures.
 
     Every client **must** report `loss-before` (mean loss of the received model on a fixed
-    sample of its training data, measured before local training) and `source-index`.
+    sample of its training data, measured before local training) and `source-index`. The loss
+    that moves lambda is the server-checked one (`SourceFedAvg.loss_of`: a report far above the
+    source's server-seen validation loss of the same model is replaced by it), and lambda moves
+    by at most `settings.max_step` per weight and round. A lambda that would leave the capped
+    simplex (NaN, Inf) is refused: the previous one is kept and the round flagged.
 
     Modes (`dro_math.DRO_MODES`): ``eg`` exponentiated gradient (Group DRO), ``kl`` the KL-ball
     closed form p * exp(L / tau), ``cvar`` the worst alpha-share of sources, ``afl`` projected
@@ -53,7 +58,8 @@ class DRO(SourceFedAvg):
     mode : str (default: "eg")
         The lambda update, a key of `server.strategy.dro_math.DRO_MODES`.
     settings : DROSettings
-        eta, eps (prior mixing), cap, loss clipping and mode-specific values.
+        eta, eps (prior mixing), cap, loss clipping, the per-round bound on lambda's move and
+        mode-specific values.
     prior : str (default: "uniform")
         "uniform", or "size" for proportional to each source's training clips.
     source_sizes : dict[int, int] | None
@@ -123,9 +129,7 @@ class DRO(SourceFedAvg):
         )
         self.prior = make_prior(prior, self.train_sources, source_sizes)
         self.lam = self.prior.copy()
-        k = len(self.train_sources)
-        self.loss_memory = np.full(k, np.nan)  # last (smoothed) signal of each source
-        self.eval_loss = np.full(k, np.nan)  # last validation loss of each source
+        self.loss_memory = np.full(len(self.train_sources), np.nan)  # last (smoothed) signal
         self.draws: dict[int, int] = {}  # source -> times drawn this round (sampling by lambda)
 
     # ---- sampling by lambda (DRFA) ------------------------------------------------------------
@@ -137,18 +141,38 @@ class DRO(SourceFedAvg):
         self.draws = {s: int(c) for s, c in zip(self.train_sources, counts, strict=True) if c > 0}
         return sorted(n for n in nodes if self.node_source.get(n) in self.draws)
 
+    @property
+    def eval_loss(self) -> np.ndarray:
+        """Each training source's validation loss in the last evaluation (NaN: it was not
+        scored then; a stale loss is no estimate of the current model)."""
+        return np.array(
+            [self.val_loss[s] if s in self.val_fresh else np.nan for s in self.train_sources]
+        )
+
     # ---- aggregation ------------------------------------------------------------------------
     def _losses(self, replies: list[Message]) -> tuple[np.ndarray, np.ndarray]:
-        """Per-source `loss-before` this round (clip-weighted over a source's nodes) and mask."""
+        """Per-source checked loss this round (clip-weighted over a source's nodes) and mask."""
         idx = {s: i for i, s in enumerate(self.train_sources)}
         losses = np.zeros(len(self.train_sources))
         mask = np.zeros(len(self.train_sources), dtype=bool)
         for src, msgs in _by_source(replies).items():
-            n = np.array([float(m.content[K.METRICS][K.NUM_EXAMPLES]) for m in msgs])
-            lb = np.array([float(_loss(m.content[K.METRICS], self.loss_key)) for m in msgs])
+            n = np.array([self.size_of(m) for m in msgs])
+            lb = np.array([self.loss_of(m) for m in msgs])
             losses[idx[src]] = float((n * lb).sum() / n.sum())
             mask[idx[src]] = True
         return losses, mask
+
+    def _move_lambda(self, server_round: int, losses: np.ndarray, mask: np.ndarray) -> None:
+        """lambda <- the mode's update, unless that leaves the capped simplex (then kept)."""
+        new = update_lambda(
+            self.mode, self.lam, losses, mask, self.prior, self.settings, self.loss_memory
+        )
+        if on_capped_simplex(new, self.settings.cap):
+            self.lam = new
+        else:
+            self.flag(
+                server_round, None, f"lambda update gave {new.tolist()}: kept {self.lam.tolist()}"
+            )
 
     def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         """Regret modes ask every client for its trained model's validation loss."""
@@ -176,7 +200,7 @@ class DRO(SourceFedAvg):
         for src, msgs in _by_source(replies).items():
             msgs = [m for m in msgs if K.LOCAL_VAL_LOSS in m.content[K.METRICS]]
             if msgs:
-                n = np.array([float(m.content[K.METRICS][K.NUM_EXAMPLES]) for m in msgs])
+                n = np.array([self.size_of(m) for m in msgs])
                 v = np.array([float(m.content[K.METRICS][K.LOCAL_VAL_LOSS]) for m in msgs])
                 out[idx[src]] = float((n * v).sum() / n.sum())
         return out, np.isfinite(out)
@@ -186,9 +210,7 @@ class DRO(SourceFedAvg):
         signal, mask = self._signal(replies)
         self.loss_memory = ema(self.loss_memory, signal, mask, self.smoothing)
         losses = np.where(mask, self.loss_memory, 0.0)
-        self.lam = update_lambda(
-            self.mode, self.lam, losses, mask, self.prior, self.settings, self.loss_memory
-        )
+        self._move_lambda(server_round, losses, mask)
         # DRFA averages over the draws (made with the lambda before this update); the others
         # mix by the updated lambda.
         weights = (
@@ -196,18 +218,7 @@ class DRO(SourceFedAvg):
             if self.sample_by_lambda
             else dict(zip(self.train_sources, self.lam, strict=True))
         )
-        return mix_by_source(replies, weights)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        out = super().aggregate_evaluate(server_round, replies)
-        # Only this evaluation's losses: a source that missed it has no current estimate.
-        self.eval_loss = np.array(
-            [float(self.eval_by_source[s][K.LOSS]) if s in self.eval_by_source else np.nan
-             for s in self.train_sources]
-        )  # fmt: skip
-        return out
+        return mix_by_source(replies, weights, self.size_of)
 
     def train_summary(self) -> MetricRecord:
         out = super().train_summary()
@@ -223,9 +234,9 @@ class DRO(SourceFedAvg):
             return {int(s): float(x) for s, x in zip(self.train_sources, v, strict=True)}
 
         return {
+            **super().state_dict(),
             "lambda": by_source(self.lam),
             "loss_memory": by_source(self.loss_memory),
-            "eval_loss": by_source(self.eval_loss),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -234,17 +245,12 @@ class DRO(SourceFedAvg):
                 return np.full(len(self.train_sources), np.nan)
             return np.array([float(d.get(s, np.nan)) for s in self.train_sources])
 
+        super().load_state_dict(state)
         self.lam = vec(state["lambda"])
         self.loss_memory = vec(state.get("loss_memory"))
-        self.eval_loss = vec(state.get("eval_loss"))
 
 
 LOSS_KEYS = {"plain": K.LOSS_BEFORE, "balanced": K.LOSS_BEFORE_BALANCED}
-
-
-def _loss(metrics: MetricRecord, key: str) -> float:
-    """The chosen loss-before of a reply; the plain one when the client did not send it."""
-    return float(metrics[key] if key in metrics else metrics[K.LOSS_BEFORE])
 
 
 def _by_source(replies: list[Message]) -> dict[int, list[Message]]:
@@ -254,14 +260,19 @@ def _by_source(replies: list[Message]) -> dict[int, list[Message]]:
     return out
 
 
-def mix_by_source(replies: list[Message], source_weight: dict[int, float]) -> ArrayRecord:
+def mix_by_source(
+    replies: list[Message],
+    source_weight: dict[int, float],
+    size_of: Callable[[Message], float],
+) -> ArrayRecord:
     """Mix updates with a weight per source, renormalised over the sources that replied.
 
-    Several nodes serving one source share its weight in proportion to their clips.
+    Several nodes serving one source share its weight in proportion to their clips (`size_of`:
+    the sizes registered at discovery).
     """
     records, weights = [], []
     for src, msgs in _by_source(replies).items():
-        n = np.array([float(m.content[K.METRICS][K.NUM_EXAMPLES]) for m in msgs])
+        n = np.array([size_of(m) for m in msgs])
         for m, share in zip(msgs, n / n.sum(), strict=True):
             records.append(m.content[K.ARRAYS])
             weights.append(source_weight.get(src, 0.0) * share)

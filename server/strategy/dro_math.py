@@ -6,8 +6,9 @@ No Flower import: these are tested by hand computation (tests/test_dro_math.py).
 
 One DRO update (`update_lambda`) is: clip the reported losses, fill the losses of silent sources
 from memory when the mode needs every source's loss, take the mode's step, mix toward the prior
-(lambda <- (1 - eps) lambda + eps p), then project onto the capped simplex (KL projection for the
-multiplicative modes, Euclidean for the projected-gradient ones).
+(lambda <- (1 - eps) lambda + eps p), project onto the capped simplex (KL projection for the
+multiplicative modes, Euclidean for the projected-gradient ones), then shorten the move so no
+weight changes by more than `max_step` in one round (`limit_step`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ class DROSettings:
     eta: float = 1.0  # step size of the exponentiated-gradient / ascent update
     eps: float = 0.1  # mixing toward the prior after each update
     cap: float = 0.5  # no source weighs more than this
-    loss_clip: float = 10.0  # reported losses are clipped to [0, loss_clip]
+    loss_clip: float = 10.0  # losses above this count as loss_clip
     tau: float = 1.0  # KL-ball temperature
     alpha: float = 0.5  # CVaR: share of sources counted as the worst
+    max_step: float = 1.0  # no weight moves more than this in one round (1: no bound)
 
 
 # ---- projections ----------------------------------------------------------------------------
@@ -105,8 +107,41 @@ def mix_prior(lam: np.ndarray, prior: np.ndarray, eps: float) -> np.ndarray:
 
 
 def clip_losses(losses: np.ndarray, bound: float) -> np.ndarray:
-    """Reported losses clipped to [0, bound], so one extreme report cannot blow lambda up."""
-    return np.clip(losses, 0.0, bound)
+    """Losses above `bound` count as `bound`, so one extreme value cannot blow lambda up.
+
+    A negative or non-finite loss is an error here, not something to clip: the server rejects
+    such replies (server/validation.py) before a loss reaches the maths.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    if np.isinf(losses).any() or (losses < 0).any():  # NaN (unknown) passes: NaN < 0 is False
+        raise ValueError(f"losses must be finite and >= 0 (NaN for unknown), got {losses}")
+    return np.minimum(losses, bound)
+
+
+def limit_step(old: np.ndarray, new: np.ndarray, max_step: float) -> np.ndarray:
+    """old + t (new - old) with the largest t <= 1 that moves no weight by more than `max_step`.
+
+    Both ends lie on the capped simplex, which is convex, so every point between does too: the
+    bound keeps lambda a valid weighting while a lying or noisy round can move it only so far.
+    """
+    if max_step <= 0:
+        raise ValueError(f"max_step must be > 0, got {max_step}")
+    delta = np.asarray(new, np.float64) - np.asarray(old, np.float64)
+    largest = float(np.abs(delta).max()) if delta.size else 0.0
+    if largest <= max_step:
+        return np.asarray(new, np.float64)
+    return np.asarray(old, np.float64) + (max_step / largest) * delta
+
+
+def on_capped_simplex(lam: np.ndarray, cap: float, tol: float = 1e-9) -> bool:
+    """Whether `lam` is a valid weighting: finite, >= 0, <= cap, summing to 1."""
+    lam = np.asarray(lam, np.float64)
+    return bool(
+        np.isfinite(lam).all()
+        and (lam >= -tol).all()
+        and (lam <= cap + tol).all()
+        and abs(lam.sum() - 1.0) <= 1e-6
+    )
 
 
 def fill_losses(losses: np.ndarray, mask: np.ndarray, memory: np.ndarray | None) -> np.ndarray:
@@ -293,7 +328,8 @@ def update_lambda(
     s: DROSettings,
     memory: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One DRO update: mode step on clipped losses, prior mixing, then the capped projection.
+    """One DRO update: mode step on clipped losses, prior mixing, the capped projection, and
+    the per-round bound on the move (`limit_step`; `lam` must be on the capped simplex).
 
     `mask` marks the sources that reported this round; `memory` holds the last known loss of
     every source (NaN for never) and is used by the closed-form modes only.
@@ -313,8 +349,10 @@ def update_lambda(
         step = keep_absent(step, lam, mask)
     mixed = mix_prior(step, prior, s.eps)
     if m.projection == "euclid":
-        return project_capped_simplex_euclid(mixed, s.cap)
-    return project_capped_simplex(mixed, s.cap)
+        projected = project_capped_simplex_euclid(mixed, s.cap)
+    else:
+        projected = project_capped_simplex(mixed, s.cap)
+    return limit_step(lam, projected, s.max_step)
 
 
 def sample_by_weight(weights: np.ndarray, draws: int, seed: int) -> np.ndarray:
@@ -382,7 +420,9 @@ __all__ = [
     "feddg_ga_step",
     "fill_losses",
     "kl_step",
+    "limit_step",
     "linear_decay",
+    "on_capped_simplex",
     "project_capped_simplex",
     "project_capped_simplex_euclid",
     "qffl_weights",

@@ -63,7 +63,8 @@ class FedDGGA(SourceFedAvg):
             mr = m.content[K.METRICS]
             before = mr.get(K.LOCAL_VAL_LOSS, mr[K.TRAIN_LOSS])
             self.local_loss[int(mr[K.SOURCE_INDEX])] = float(before)
-        return mix_by_source(replies, dict(zip(self.train_sources, self.weights, strict=True)))
+        weights = dict(zip(self.train_sources, self.weights, strict=True))
+        return mix_by_source(replies, weights, self.size_of)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -90,6 +91,7 @@ class FedDGGA(SourceFedAvg):
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            **super().state_dict(),
             "weights": {
                 int(s): float(w) for s, w in zip(self.train_sources, self.weights, strict=True)
             },
@@ -97,6 +99,7 @@ class FedDGGA(SourceFedAvg):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         w = state["weights"]
         self.weights = np.array([float(w[s]) for s in self.train_sources])
         self.local_loss = {int(k): float(v) for k, v in state.get("local_loss", {}).items()}

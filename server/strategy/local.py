@@ -53,7 +53,7 @@ class LocalOnly(SourceFedAvg):
         for m in replies:
             by_source.setdefault(int(m.content[K.METRICS][K.SOURCE_INDEX]), []).append(m)
         for src, msgs in by_source.items():
-            n = [float(m.content[K.METRICS][K.NUM_EXAMPLES]) for m in msgs]
+            n = [self.size_of(m) for m in msgs]
             self.local[src] = (
                 msgs[0].content[K.ARRAYS]
                 if len(msgs) == 1
@@ -69,13 +69,15 @@ class LocalOnly(SourceFedAvg):
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            **super().state_dict(),
             "local": {
                 int(s): {k: np.array(a.numpy(), copy=True) for k, a in rec.items()}
                 for s, rec in self.local.items()
-            }
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.local = {
             int(s): ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
             for s, arrays in state.get("local", {}).items()

@@ -24,7 +24,8 @@ class QFedAvg(SourceFedAvg):
     h_k = q F_k^(q-1) ||L (w - w_k)||^2 + L F_k^q, w <- w - sum_k Delta_k / sum_k h_k.
 
     F_k is `loss-before` (the *received* global model's loss on the client's training sample,
-    "with respect to the starting point" in the authors' code), not the running training loss.
+    "with respect to the starting point" in the authors' code), not the running training loss,
+    as the server checked it (`SourceFedAvg.loss_of`); p_k come from the registered sizes.
     Flower's class cannot be used as is: it reads one loss key, and its in-place update fails on
     integer arrays (BatchNorm counters); here the update runs on the floating arrays only and the
     integer ones take the clip-weighted mean.
@@ -67,8 +68,8 @@ class QFedAvg(SourceFedAvg):
         """w - sum_k p_k Delta_k / sum_k p_k h_k on floating arrays (q-FedAvg)."""
         assert self.current_arrays is not None, "configure_train sets the global arrays first"
         metrics = [m.content[K.METRICS] for m in replies]
-        n = np.array([float(mr[K.NUM_EXAMPLES]) for mr in metrics])
-        losses = np.array([float(mr[K.LOSS_BEFORE]) for mr in metrics])
+        n = np.array([self.size_of(m) for m in replies])
+        losses = np.array([self.loss_of(m) for m in replies])
         p = n / n.sum() if self.weighted_by_examples else np.full(len(replies), 1 / len(replies))
         new = qffl_update(
             {k: a.numpy() for k, a in self.current_arrays.items()},
