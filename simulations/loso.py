@@ -197,6 +197,13 @@ def parse_variants(given: Any) -> dict[str, list[str]]:
 
 
 # ---- running ------------------------------------------------------------------------------------
+def threads_per_job(jobs: int, cores: int | None = None) -> int:
+    """Compute threads each of `jobs` concurrent runs may use: the cores shared out. Left to
+    torch's default, every run takes all cores and two runs on 2 cores oversubscribe them (the
+    pooled baseline's epochs took several times longer than one run alone)."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, jobs))
+
+
 def launch_subprocess(run: RunSpec) -> int:
     """Run one federation (or the centralized baseline) in a fresh process; log to log.txt."""
     cmd = [
@@ -251,6 +258,8 @@ def run_sweep(sweep: Sweep, launcher: Callable[[RunSpec], int] = launch_subproce
     }
     (sweep.path / "sweep.json").write_text(json.dumps(info, indent=2) + "\n")
     todo = [r for r in sweep.runs if not r.done]
+    if sweep.jobs > 1:  # each child process reads it when torch starts; a user's value wins
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_job(sweep.jobs)))
     print(
         f"sweep {sweep.path}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} done, "
         f"{min(sweep.jobs, max(len(todo), 1))} at a time",

@@ -1,6 +1,7 @@
 """Leave-one-source-out sweeps: planning, skipping finished runs, the summary, a tiny real sweep."""
 
 import json
+import os
 import subprocess
 import threading
 
@@ -212,7 +213,14 @@ def test_bad_settings_are_named(tmp_path) -> None:
         loso.plan([*BASE, "loso.jobs=0"])
 
 
-def test_jobs_run_that_many_at_once(tmp_path) -> None:
+def test_concurrent_runs_share_the_cores(monkeypatch) -> None:
+    assert loso.threads_per_job(2, cores=2) == 1
+    assert loso.threads_per_job(2, cores=16) == 8
+    assert loso.threads_per_job(3, cores=2) == 1
+    assert loso.threads_per_job(1, cores=4) == 4
+
+
+def test_jobs_run_that_many_at_once(tmp_path, monkeypatch) -> None:
     """With loso.jobs=2 two launches overlap (each waits for a partner at a barrier, which a
     one-at-a-time sweep would never reach), and every run still finishes and is summarised."""
     uar = {(s, h, 0): 0.5 for s in ("fedavg", "dro") for h in SOURCES}
@@ -224,9 +232,11 @@ def test_jobs_run_that_many_at_once(tmp_path) -> None:
         barrier.wait()
         return fake(run)
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     argv = [*BASE, f"loso.root={tmp_path}", "loso.jobs=2"]
     assert loso.main(argv, launcher=paired) == 0
     assert sorted(calls) == sorted(uar)
+    assert os.environ["OMP_NUM_THREADS"] == str(loso.threads_per_job(2))  # what children inherit
     assert json.loads((loso.plan(argv).path / "summary.json").read_text())["dro"]
 
 
