@@ -47,6 +47,13 @@ def check_config(cfg: DictConfig) -> None:
         ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
         if not ok:
             raise ValueError(f"{key}={v!r}: must be a positive number ({what})")
+    adapt = list(OmegaConf.select(cfg, "server.heldout_adapt", default=None) or [])
+    norm = OmegaConf.select(cfg, "model.norm", default="batch")
+    if "bn" in adapt and norm != "batch":
+        raise ValueError(
+            f"server.heldout_adapt={adapt} asks for AdaBN, but model.norm={norm} has no BatchNorm "
+            "statistics to recompute: drop bn, e.g. server.heldout_adapt=[none] (or [none,tent])"
+        )
 
 
 def _defaults() -> DictConfig:

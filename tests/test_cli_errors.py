@@ -47,6 +47,7 @@ def _no_run_folder(tmp_path: Path) -> None:
         ("data.train=[phone]", "no training source left"),
         ("server.heldout_eval=clients", "server.heldout_eval=clients"),
         ("nosuchkey=1", "Could not override 'nosuchkey'"),
+        ("model.norm=group", "model.norm=group has no BatchNorm statistics"),
     ],
 )
 def test_run_config_errors(tmp_path: Path, capsys, override: str, expect: str) -> None:
