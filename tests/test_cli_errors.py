@@ -161,19 +161,29 @@ def test_a_training_source_without_a_node_is_an_error(tmp_path: Path, monkeypatc
 
     cfg = compose([*_base(tmp_path), "data.sources=[studio,webcam,phone]", "data.heldout=[phone]"])
 
+    class Grid:  # what Federation asks of Flower's Grid once discovery is patched
+        def __init__(self) -> None:
+            self.online: list[int] = []
+
+        def get_node_ids(self) -> list[int]:
+            return self.online
+
+    grid = Grid()
+
     def nodes(partitions: int, sources: list[int]):
         found = {
             10 + s: {"source": s, "heldout": 0, "clips": 5, "partitions": partitions}
             for s in sources
         }
-        monkeypatch.setattr(F, "discover_nodes", lambda *a: found)
+        grid.online = list(found)
+        monkeypatch.setattr(F, "discover_nodes", lambda *a: (found, {}))
 
     run = RunFolder.create(tmp_path / "runs", "x")
     nodes(2, [0])
     with pytest.raises(ValueError, match=r"no node serves training source\(s\) \['webcam'\]"):
-        F.Federation(None, cfg, run)
+        F.Federation(grid, cfg, run)
     nodes(0, [])
     with pytest.raises(ValueError, match=r"\['studio', 'webcam'\], so the run cannot train"):
-        F.Federation(None, cfg, run)
+        F.Federation(grid, cfg, run)
     nodes(0, [0])  # deployment, one of two sites connected: it trains, the other may join later
-    assert F.Federation(None, cfg, run).strategy.node_source == {10: 0}
+    assert F.Federation(grid, cfg, run).strategy.node_source == {10: 0}
