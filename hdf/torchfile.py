@@ -23,9 +23,11 @@ _NUMERIC = (
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
     np.float16, np.float32, np.float64,
 )  # fmt: skip
-# What a numeric numpy array needs to be rebuilt (no object arrays: their items would be pickles).
+# What a numeric numpy array or scalar needs to be rebuilt (a scalar is its dtype and raw bytes; no
+# object arrays: their items would be pickles).
 ALLOWED_GLOBALS: list[Any] = [
     _NP_CORE.multiarray._reconstruct,
+    _NP_CORE.multiarray.scalar,
     np.ndarray,
     np.dtype,
     *(type(np.dtype(t)) for t in _NUMERIC),

@@ -93,9 +93,11 @@ def test_a_project_checkpoint_with_numpy_state_still_loads(tmp_path: Path) -> No
     """RNG states and per-source numpy arrays (local strategy, FedBN) are on the allow-list."""
     run = RunFolder.create(tmp_path, "ok")
     local = {0: {"bn.weight": np.arange(3, dtype=np.float32), "n": np.array(7, dtype=np.int64)}}
+    local[1] = {"norms": [np.float64(0.25), np.float32(2.0)]}  # numpy scalars: dtype + bytes
     run.save_checkpoint({"round": 3, "model": {"w": torch.ones(2)}, "rng": rng_state(), "s": local})
     back = run.load_checkpoint()
     assert back is not None and back["round"] == 3
+    assert back["s"][1]["norms"] == [0.25, 2.0]
     assert np.array_equal(back["s"][0]["bn.weight"], np.arange(3, dtype=np.float32))
     assert int(back["s"][0]["n"]) == 7
     assert np.array_equal(back["rng"]["numpy"][1], np.random.get_state()[1])

@@ -169,8 +169,8 @@ def conv_to_one_channel(
     lands: the same function as the conv (FreConv, 49 -> 1, 7x7, pad 3), about 3x faster than a
     1-output-channel conv on CPU. weight: 1 x K x k x k (odd k); returns B x 1 x H x W.
     """
-    k = weight.shape[-1]
-    per_offset = weight.reshape(weight.shape[1], k * k).flip(1).t()  # (k k) x K
+    k, channels = int(weight.shape[-1]), int(weight.shape[1])  # constants (TorchScript tracing)
+    per_offset = weight.reshape(channels, k * k).flip(1).t()  # (k k) x K
     return F.fold(per_offset.to(z.dtype) @ z, size, k, padding=k // 2)
 
 

@@ -229,7 +229,8 @@ class SourceFedAvg(FedAvg):
         for r in check.rejected:
             self.reject(server_round, r["node"], r["reason"], "train")
         valid = check.valid
-        self.norm_history = (self.norm_history + check.norms)[-NORM_HISTORY:]
+        # plain floats: the checkpoint holds this list, and its loader allows no pickled objects
+        self.norm_history = (self.norm_history + [float(n) for n in check.norms])[-NORM_HISTORY:]
         self.train_by_source, self.round_sizes, self.update_norm = {}, {}, {}
         for m, norm in zip(valid, check.norms, strict=True):
             metrics = m.content[K.METRICS]
