@@ -82,3 +82,21 @@ class FakeGrid:
     def get_node_ids(self) -> list[int]:
         _identity()
         return list(self.node_ids)
+
+
+def three_source_strategy(cfg, names: dict[int, str], **extra):
+    """The strategy `cfg` (a `strategy` config group) over sources 0, 1, 2 served by nodes 10,
+    11, 12 that registered 10, 20 and 30 clips at discovery; `extra` goes to build_strategy."""
+    from server.strategy import build_strategy
+
+    s = build_strategy(
+        cfg,
+        train_sources=[0, 1, 2],
+        source_names=names,
+        seed=1,
+        source_sizes={0: 10, 1: 20, 2: 30},
+        **extra,
+    )
+    for node, src in [(10, 0), (11, 1), (12, 2)]:
+        s.register_node(node, src, heldout=False, clips=10 * (src + 1))
+    return s

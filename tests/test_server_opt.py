@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord
 from server.strategy import ServerOptimizer, ServerOptSettings, SourceFedAvg, build_strategy
 from server.strategy.server_opt import adam_step, avgm_step
 from simulations.config import compose
-from tests.fedmock import FakeGrid, arrays_record, train_reply
+from tests.fedmock import FakeGrid, arrays_record, three_source_strategy, train_reply
 
 X0 = np.array([1.0, 2.0])
 
@@ -135,17 +135,7 @@ def test_every_strategy_steps_its_own_mix(conf: str) -> None:
     cfg = compose([f"strategy={conf}"]).strategy
 
     def build(opt: ServerOptimizer | None) -> SourceFedAvg:
-        s = build_strategy(
-            cfg,
-            train_sources=[0, 1, 2],
-            source_names=NAMES,
-            seed=1,
-            source_sizes={0: 10, 1: 20, 2: 30},
-            server_opt=opt,
-        )
-        for node, src in [(10, 0), (11, 1), (12, 2)]:
-            s.register_node(node, src, heldout=False, clips=10 * (src + 1))
-        return s
+        return three_source_strategy(cfg, NAMES, server_opt=opt)
 
     plain = build(None)
     withm = build(ServerOptimizer(ServerOptSettings("avgm", lr=1.0, momentum=0.5)))

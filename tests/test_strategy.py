@@ -19,7 +19,14 @@ from server.strategy import (
 from server.strategy.dro_math import update_lambda
 from simulations.config import CONF_DIR as CONF
 from simulations.config import compose
-from tests.fedmock import FakeGrid, arrays_record, eval_reply, instruction, train_reply
+from tests.fedmock import (
+    FakeGrid,
+    arrays_record,
+    eval_reply,
+    instruction,
+    three_source_strategy,
+    train_reply,
+)
 
 NAMES = {0: "a", 1: "b", 2: "c", 3: "held"}
 GLOBAL = {"w": np.zeros((2, 2), np.float32), "steps": np.array(4, dtype=np.int64)}
@@ -528,7 +535,6 @@ def test_local_norm_flags_train_and_evaluate_configs(mode: str) -> None:
 
 
 def test_fedbn_preset_keeps_every_norm_layer_local() -> None:
-    from server.strategy import build_strategy
 
     s = build_strategy({"name": "fedbn"}, train_sources=[0, 1], source_names={0: "a", 1: "b"})
     assert s.local_norm == "all"
@@ -578,16 +584,7 @@ def test_every_strategy_runs_two_rounds_and_resumes(conf: str, tmp_path) -> None
     cfg = compose([f"strategy={conf}", "rounds=3"]).strategy
 
     def build():
-        s = build_strategy(
-            cfg,
-            train_sources=[0, 1, 2],
-            source_names=NAMES,
-            seed=1,
-            source_sizes={0: 10, 1: 20, 2: 30},
-        )
-        for node, src in [(10, 0), (11, 1), (12, 2)]:
-            s.register_node(node, src, heldout=False, clips=10 * (src + 1))
-        return s
+        return three_source_strategy(cfg, NAMES)
 
     grid = FakeGrid([10, 11, 12])
     s = build()
