@@ -45,8 +45,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from omegaconf import OmegaConf
 
-from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, DONE_FILE, METRICS_FILE
-from server.selection import select_round
+from hdf.runfolder.folder import CHECKPOINT_FILE, CONFIG_FILE, DONE_FILE, METRICS_FILE
+from hdf.runfolder.selection import select_round
 from simulations.cli import command
 from simulations.config import compose
 from simulations.preflight import check_config, check_data
@@ -226,8 +226,8 @@ def launch_subprocess(run: RunSpec) -> int:
 
 def worker(strategy: str, run_dir: str, overrides: list[str]) -> int:
     """Inside the child process: run (or resume) one run into `run_dir`."""
+    from hdf.runfolder.folder import RunFolder
     from server.app import open_run, resolve_resume
-    from server.outputs import RunFolder
 
     path = Path(run_dir)
     if strategy == CENTRALIZED:
@@ -817,7 +817,7 @@ def _adapted_lines(heldout: list[str], summary: dict[str, Any]) -> list[str]:
 
 def write_report(sweep: Sweep) -> Path:
     """report.md, plots and summary.json in the sweep folder; returns the report's path."""
-    from server.report import plot_confusion
+    from hdf.runfolder.report import plot_confusion
 
     summary, details = summarize(sweep)
     (sweep.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

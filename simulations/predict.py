@@ -43,7 +43,7 @@ from hdf.data.frames import IMAGE_EXTS, ClipReadError, is_video, iter_video_fram
 from hdf.data.frames import sample_indices as uniform_indices
 from hdf.device import resolve_device
 from hdf.models import HDFNet
-from server.outputs import clean
+from hdf.runfolder.folder import clean
 from simulations import cli
 from simulations.prepare import add_policy_arguments, policy_from
 

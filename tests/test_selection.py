@@ -8,9 +8,9 @@ from collections.abc import Iterator, Mapping
 import pytest
 import torch
 
-from server.outputs import RunFolder
-from server.report import write_report
-from server.selection import BEST_INFO_FILE, BEST_MODEL_FILE, BestModel, select_round
+from hdf.runfolder.folder import RunFolder
+from hdf.runfolder.report import write_report
+from hdf.runfolder.selection import BEST_INFO_FILE, BEST_MODEL_FILE, BestModel, select_round
 
 
 class Tripwire(Mapping):

@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from hdf.classes import EMOTIONS
-from server.outputs import RunFolder
-from server.selection import BEST_MODEL_FILE, CRITERION, score_row, select_round
+from hdf.runfolder.folder import RunFolder
+from hdf.runfolder.selection import BEST_MODEL_FILE, CRITERION, score_row, select_round
 
 
 def _finite(x: Any) -> bool:
