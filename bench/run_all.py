@@ -45,7 +45,7 @@ def _last_json(text: str) -> dict[str, Any]:
 
 def _run(cmd: list[str], *, memory: bool = False, timeout: float = 3600) -> dict[str, Any]:
     """Run `cmd` in the repo root; wall seconds, stdout, and the tree's peak PSS if asked."""
-    from bench.proctree import TreeMemory
+    from testbed.proctree import TreeMemory
 
     env = {**os.environ, **ENV}
     t0 = time.monotonic()
