@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deploy.flower_env import apply_flower_env
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["studio", "webcam", "movie"]
 
@@ -124,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    apply_flower_env()
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
         out = Path(tmp)
         overrides = [
