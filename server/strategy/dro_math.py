@@ -19,6 +19,8 @@ from itertools import pairwise
 
 import numpy as np
 
+from hdf.registry import Registry
+
 
 @dataclass(frozen=True)
 class DROSettings:
@@ -277,13 +279,9 @@ class DROMode:
     excess: bool = False
 
 
-DRO_MODES: dict[str, DROMode] = {}
-
-
-def register_mode(name: str, mode: DROMode) -> None:
-    if name in DRO_MODES:
-        raise ValueError(f"DRO mode {name!r} registered twice")
-    DRO_MODES[name] = mode
+DRO_MODES: Registry[DROMode] = Registry("DRO mode", "set strategy.dro.mode=<name>")
+register_mode = DRO_MODES.add
+get_mode = DRO_MODES.lookup
 
 
 register_mode("eg", DROMode(eg_step))
@@ -294,12 +292,6 @@ register_mode("afl", DROMode(afl_step, projection="euclid"))
 register_mode("drfa", DROMode(afl_step, projection="euclid", sample_by_lambda=True, estimate="val"))
 # Regret: EG on the excess of the global model's validation loss over the local model's.
 register_mode("regret", DROMode(regret_step, estimate="val", excess=True))
-
-
-def get_mode(mode: str) -> DROMode:
-    if mode not in DRO_MODES:
-        raise ValueError(f"unknown DRO mode {mode!r}; known modes: {sorted(DRO_MODES)}")
-    return DRO_MODES[mode]
 
 
 def keep_absent(step: np.ndarray, lam: np.ndarray, mask: np.ndarray) -> np.ndarray:
