@@ -59,6 +59,16 @@ def test_ties_go_to_the_higher_mean_then_the_later_round() -> None:
     assert select_round([{"round": 0, "train": {}, "heldout": Tripwire()}]) is None
 
 
+def test_equal_scores_in_another_order_tie_and_the_later_round_wins() -> None:
+    """The same five validation UARs (a smoke run's rounds 0 and 1) listed in the order the
+    replies came: summed in that order their means differ in the last bit (0.15904761904761902 vs
+    ...905), which picked round 0 or 1 by reply order. Equal numbers must tie."""
+    uars = {"webcam": 1 / 6, "night_ir": 0.2, "cctv": 1 / 7, "studio": 1 / 7, "movie": 1 / 7}
+    shuffled = {n: uars[n] for n in ("webcam", "studio", "cctv", "movie", "night_ir")}
+    assert select_round([_row(0, uars), _row(1, shuffled)]).round == 1
+    assert select_round([_row(0, shuffled), _row(1, uars)]).round == 1
+
+
 def test_best_model_keeps_the_selected_round_and_resumes(tmp_path) -> None:
     best = BestModel(tmp_path, "config: yaml")
     rows = [
