@@ -6,7 +6,7 @@ Runs `experiment=deploy_tiny` (three training sources; the held-out source score
 in both, so the two runs do the same work) twice:
 - in simulation (`python -m simulations.run`, Flower's Ray engine, one process);
 - deployed: a SuperLink and one SuperNode per source, each in its own Linux network namespace,
-  TLS and SuperNode authentication on (deploy/cluster.py), launched with `flwr run . hdf`;
+  TLS and SuperNode authentication on (testbed/cluster.py), launched with `flwr run . hdf`;
 and prints one JSON object: mean wall seconds per round (rounds >= 1, from each run's
 metrics.jsonl; round 0 also pays start-up and data generation), whole-run wall seconds, the
 deployment/simulation ratio, and the bytes one client receives and sends per round (the model's
@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from deploy.flower_env import apply_flower_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["studio", "webcam", "movie"]
@@ -91,7 +93,7 @@ def run_simulation(overrides: list[str], out: Path) -> dict[str, Any]:
 
 
 def run_deployment(overrides: list[str], out: Path) -> dict[str, Any]:
-    from deploy.cluster import Cluster
+    from testbed.cluster import Cluster
 
     t0 = time.monotonic()
     # the sites read the clips the simulation generated (same seed, same clips)
@@ -124,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    apply_flower_env()
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
         out = Path(tmp)
         overrides = [
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             **model_bytes(overrides),
         }
         result["simulation"] = run_simulation(overrides, out)
-        from deploy.cluster import why_no_netns
+        from testbed.cluster import why_no_netns
 
         reason = why_no_netns()
         if reason:

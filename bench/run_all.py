@@ -22,18 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deploy.flower_env import FLOWER_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
 NAMES = ("federation_overhead", "aggregation", "train_step", "scale", "synthetic_data", "gpu")
 GIB = 2**30
 
-ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "WANDB_MODE": "disabled",
-}
+ENV = {**FLOWER_ENV, "WANDB_MODE": "disabled"}
 
 
 def _last_json(text: str) -> dict[str, Any]:
@@ -45,7 +41,7 @@ def _last_json(text: str) -> dict[str, Any]:
 
 def _run(cmd: list[str], *, memory: bool = False, timeout: float = 3600) -> dict[str, Any]:
     """Run `cmd` in the repo root; wall seconds, stdout, and the tree's peak PSS if asked."""
-    from bench.proctree import TreeMemory
+    from testbed.proctree import TreeMemory
 
     env = {**os.environ, **ENV}
     t0 = time.monotonic()

@@ -1,8 +1,9 @@
 """Load a trained model from a run folder or a checkpoint file, with the config it was trained with.
 
-A run's ``checkpoint.pt`` (written by ``server.outputs.RunFolder.save_checkpoint``) holds the
-model state_dict and the resolved run config as YAML text, so evaluating, predicting or exporting
-needs only the checkpoint: the model is rebuilt from the config it carries, never retyped by hand.
+A run's ``checkpoint.pt`` (written by ``hdf.runfolder.folder.RunFolder.save_checkpoint``)
+holds the model state_dict and the resolved run config as YAML text, so evaluating, predicting or
+exporting needs only the checkpoint: the model is rebuilt from the config it carries,
+never retyped by hand.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import torch
 import yaml
 
 from hdf.models import HDFNet, build_model
+from hdf.runfolder.folder import CHECKPOINT_FILE
 from hdf.torchfile import UnreadableFileError, UnsafeFileError, load_torch_file
 
-CHECKPOINT_FILE = "checkpoint.pt"  # the name RunFolder writes inside a run folder
 CHECKPOINT_FIX = (
     "give a run folder or checkpoint.pt written by simulations.run or the ServerApp "
     "(files from elsewhere are never unpickled)"

@@ -13,9 +13,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
+from hdf.runfolder.folder import RunFolder, discarded_unless_trained
+from hdf.runfolder.report import write_report
 from server.federation import run_federation
-from server.outputs import RunFolder, discarded_unless_trained
-from server.report import write_report
 
 app = ServerApp()
 

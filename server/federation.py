@@ -26,13 +26,13 @@ from hdf.device import seed_everything
 from hdf.evaluate import summarize
 from hdf.models import build_model
 from hdf.optim.schedule import round_lr
+from hdf.runfolder.folder import RunFolder, rng_state, set_rng_state
+from hdf.runfolder.report import format_row
+from hdf.runfolder.selection import BestModel
+from hdf.runfolder.tracking import Tracker
 from server.heldout import HeldoutEvaluator
 from server.identity import SourceBinding, load_registry
-from server.outputs import RunFolder, rng_state, set_rng_state
-from server.report import format_row
-from server.selection import BestModel
 from server.strategy import ServerOptimizer, ServerOptSettings, SourceFedAvg, build_strategy
-from server.tracking import Tracker
 from server.validation import query_reply
 
 log = logging.getLogger(__name__)

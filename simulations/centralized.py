@@ -26,13 +26,13 @@ from hdf.data import ConcatClipDataset, Source, build_sources, split_sources
 from hdf.device import resolve_device, seed_everything
 from hdf.evaluate import evaluate, summarize
 from hdf.models import HDFNet, build_model
+from hdf.runfolder.folder import RunFolder, discarded_unless_trained
+from hdf.runfolder.report import format_row, write_report
+from hdf.runfolder.selection import BestModel
+from hdf.runfolder.tracking import Tracker
 from hdf.seeding import round_seed
 from hdf.train import train_local
 from server.federation import lr_of_round
-from server.outputs import RunFolder, discarded_unless_trained
-from server.report import format_row, write_report
-from server.selection import BestModel
-from server.tracking import Tracker
 from simulations.cli import command
 from simulations.config import compose
 from simulations.preflight import check_run

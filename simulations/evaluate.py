@@ -47,8 +47,8 @@ from hdf.classes import EMOTIONS
 from hdf.data import SPLITS, Source, build_sources
 from hdf.device import resolve_device
 from hdf.metrics import per_class_recall
-from server.outputs import METRICS_FILE, RunFolder, clean
-from server.report import plot_confusion
+from hdf.runfolder.folder import METRICS_FILE, RunFolder, clean
+from hdf.runfolder.report import plot_confusion
 from simulations import cli
 from simulations.config import compose
 

@@ -24,7 +24,6 @@ import csv
 import json
 import sys
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,11 @@ from rich.table import Table
 from hdf.checkpoint import load_model
 from hdf.classes import EMOTIONS
 from hdf.data.faces import Box, FacePolicy, crop_face, detect_face, scale_box
-from hdf.data.frames import IMAGE_EXTS, ClipReadError, is_video, iter_video_frames, list_frames
+from hdf.data.frames import ClipReadError, is_video, open_frames
 from hdf.data.frames import sample_indices as uniform_indices
 from hdf.device import resolve_device
 from hdf.models import HDFNet
-from server.outputs import clean
+from hdf.runfolder.folder import clean
 from simulations import cli
 from simulations.prepare import add_policy_arguments, policy_from
 
@@ -121,48 +120,6 @@ class Prediction:
             "frames_without_face": [i for i, b in enumerate(self.face_boxes) if b is None],
             "error": self.error,
         }
-
-
-# ---- reading frames ------------------------------------------------------------------------
-
-
-def _video_fps(path: Path) -> tuple[float | None, int | None]:
-    """(frames per second, frame count if the container knows it); errors name the file."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ClipReadError(path, "no video stream in the file")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            return (float(rate) if rate else None), (int(stream.frames) or None)
-    except ClipReadError:
-        raise
-    except (av.FFmpegError, OSError, ValueError, EOFError) as err:
-        raise ClipReadError(path, f"unreadable video ({err})") from None
-
-
-def _folder_frames(files: list[Path]) -> Iterator[np.ndarray]:
-    for f in files:
-        try:
-            with Image.open(f) as img:
-                yield np.asarray(img.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise ClipReadError(f, f"unreadable frame image ({err})") from None
-
-
-def open_frames(path: Path) -> tuple[Iterator[np.ndarray], float | None, int | None]:
-    """(RGB frames H x W x 3, fps or None, frame count or None) of a video or a frame folder."""
-    if path.is_dir():
-        files = list_frames(path)
-        if not files:
-            raise ClipReadError(path, f"no frame images ({', '.join(sorted(IMAGE_EXTS))})")
-        return _folder_frames(files), None, len(files)
-    if path.is_file():
-        fps, count = _video_fps(path)
-        return iter_video_frames(path), fps, count
-    raise ClipReadError(path, "no such file or folder")
 
 
 # ---- windows ---------------------------------------------------------------------------------

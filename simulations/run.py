@@ -16,21 +16,17 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-for _k, _v in {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "WANDB_SILENT": "true",
-}.items():
+from deploy.flower_env import apply_flower_env
+
+apply_flower_env()  # before Flower and Ray are imported
+for _k, _v in {"RAY_DEDUP_LOGS": "0", "WANDB_SILENT": "true"}.items():
     os.environ.setdefault(_k, _v)
 
 from omegaconf import DictConfig  # noqa: E402
 
 from hdf.data import build_sources, split_sources  # noqa: E402
+from hdf.runfolder.folder import RunFolder, discarded_unless_trained  # noqa: E402
 from server.app import make_server_app, open_run, resolve_resume  # noqa: E402
-from server.outputs import RunFolder, discarded_unless_trained  # noqa: E402
 from simulations.cli import command  # noqa: E402
 from simulations.config import compose  # noqa: E402
 from simulations.preflight import check_run  # noqa: E402

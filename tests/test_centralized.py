@@ -9,7 +9,7 @@ import torch
 from hdf.adapt import AdaptSettings, evaluate_adapted
 from hdf.checkpoint import load_model
 from hdf.data import build_sources
-from server.outputs import RunFolder
+from hdf.runfolder.folder import RunFolder
 from simulations.centralized import train_centralized
 from simulations.config import compose
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from server.outputs import RunFolder, discarded_unless_trained
-from server.report import format_row, write_report
+from hdf.runfolder.folder import RunFolder, discarded_unless_trained
+from hdf.runfolder.report import format_row, write_report
 from simulations import centralized, data, evaluate, export, loso, predict, prepare
 from simulations import run as run_cli
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy import cluster as cl
 from deploy.connection import add_connection
 from deploy.make_certs import main as make_certs
 from deploy.make_certs import server_sans
+from testbed import cluster as cl
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -24,8 +24,8 @@ from hdf.data import build_sources, split_sources
 from hdf.evaluate import evaluate, summarize
 from hdf.metrics import uar, war
 from hdf.models import build_model
+from hdf.runfolder.folder import RunFolder, rng_state
 from server.heldout import HeldoutEvaluator
-from server.outputs import RunFolder, rng_state
 from simulations import evaluate as E
 from simulations.config import compose
 

@@ -18,7 +18,7 @@ from hdf.export import (
     load_exported,
 )
 from hdf.models import build_model
-from server.outputs import RunFolder, rng_state
+from hdf.runfolder.folder import RunFolder, rng_state
 from simulations import export as export_cli
 from simulations.config import compose
 

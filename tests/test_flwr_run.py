@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from deploy.flower_env import FLOWER_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 FLWR = Path(sys.executable).parent / "flwr"
 
@@ -37,10 +39,8 @@ def test_flwr_run_finishes_completed(tmp_path) -> None:
     home = tmp_path / "flwr-home"
     env = {
         **os.environ,
+        **FLOWER_ENV,
         "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         "WANDB_MODE": "disabled",

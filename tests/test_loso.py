@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from server.outputs import DONE_FILE, METRICS_FILE
+from hdf.runfolder.folder import DONE_FILE, METRICS_FILE
 from simulations import loso
 
 SOURCES = ["studio", "webcam", "movie"]

@@ -196,7 +196,7 @@ def test_a_forged_query_reply_stops_a_simulation_before_round_1(tmp_path) -> Non
 
 def test_progress_line_counts_rejected_updates_only() -> None:
     """3 sent, 3 replied, one train and one evaluate reply rejected: 2/3 updates, 1 flag."""
-    from server.report import format_row
+    from hdf.runfolder.report import format_row
 
     row = {
         "round": 1,

@@ -195,7 +195,7 @@ def test_client_keeps_its_optimizer_state_in_context_state(tmp_path) -> None:
 def test_centralized_carries_the_state_from_round_to_round(tmp_path, monkeypatch) -> None:
     """The pooled baseline hands each round's returned state to the next round's call."""
     import simulations.centralized as central
-    from server.outputs import RunFolder
+    from hdf.runfolder.folder import RunFolder
     from simulations.config import compose
 
     seen: list[object] = []

@@ -23,7 +23,7 @@ from PIL import Image
 from hdf.classes import EMOTIONS
 from hdf.data.faces import detector_available
 from hdf.models import build_model
-from server.outputs import RunFolder, rng_state
+from hdf.runfolder.folder import RunFolder, rng_state
 from simulations import predict as P
 from simulations.config import compose
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from hdf.checkpoint import CheckpointError, load_model
 from hdf.models import build_model
 from hdf.models.weights import WeightsError
-from server.outputs import RunFolder, rng_state
+from hdf.runfolder.folder import RunFolder, rng_state
 from simulations import evaluate as E
 from simulations import run as R
 from simulations.config import compose

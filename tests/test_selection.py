@@ -8,9 +8,9 @@ from collections.abc import Iterator, Mapping
 import pytest
 import torch
 
-from server.outputs import RunFolder
-from server.report import write_report
-from server.selection import BEST_INFO_FILE, BEST_MODEL_FILE, BestModel, select_round
+from hdf.runfolder.folder import RunFolder
+from hdf.runfolder.report import write_report
+from hdf.runfolder.selection import BEST_INFO_FILE, BEST_MODEL_FILE, BestModel, select_round
 
 
 class Tripwire(Mapping):
@@ -57,6 +57,16 @@ def test_ties_go_to_the_higher_mean_then_the_later_round() -> None:
     assert select_round(rows).round == 3
     assert select_round(rows[:3]).round == 1
     assert select_round([{"round": 0, "train": {}, "heldout": Tripwire()}]) is None
+
+
+def test_equal_scores_in_another_order_tie_and_the_later_round_wins() -> None:
+    """The same five validation UARs (a smoke run's rounds 0 and 1) listed in the order the
+    replies came: summed in that order their means differ in the last bit (0.15904761904761902 vs
+    ...905), which picked round 0 or 1 by reply order. Equal numbers must tie."""
+    uars = {"webcam": 1 / 6, "night_ir": 0.2, "cctv": 1 / 7, "studio": 1 / 7, "movie": 1 / 7}
+    shuffled = {n: uars[n] for n in ("webcam", "studio", "cctv", "movie", "night_ir")}
+    assert select_round([_row(0, uars), _row(1, shuffled)]).round == 1
+    assert select_round([_row(0, shuffled), _row(1, uars)]).round == 1
 
 
 def test_best_model_keeps_the_selected_round_and_resumes(tmp_path) -> None:

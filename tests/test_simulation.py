@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from hdf.checkpoint import read_checkpoint
+from hdf.runfolder.selection import select_round
 from server.app import open_run, resolve_resume
-from server.selection import select_round
 from simulations.config import compose
 from simulations.run import simulate
 

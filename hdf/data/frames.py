@@ -1,14 +1,17 @@
-"""Reading one clip from disk: a folder of frame images or a video file, sampled to T frames.
+"""Reading frames from disk: a folder of frame images or a video file.
 
-Every reader returns uint8 T x 3 x size x size (the clip contract) and raises `ClipReadError`,
-never a library-specific exception, when a frame or a video cannot be decoded, so the dataset can
-skip the clip, count it and report its path (docs/design.md §6).
+`read_clip` samples one clip to T frames, uint8 T x 3 x size x size (the clip contract);
+`open_frames` streams every frame of a whole video or folder at its own size (prediction along a
+video). Every reader raises `ClipReadError`, never a library-specific exception, when a frame or a
+video cannot be decoded, so the dataset can skip the clip, count it and report its path, and a
+command can name the file (docs/design.md §6).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import av
@@ -90,13 +93,44 @@ def _square(img: Image.Image, size: int) -> Image.Image:
 
 def read_image(path: str | Path, size: int) -> np.ndarray:
     """One frame as uint8 size x size x 3 (grayscale repeated to RGB)."""
+    with _unreadable_image(path), Image.open(path) as img:
+        # JPEG only: decode at a reduced scale when the frame is >= 2x the target (much faster).
+        img.draft("RGB", (size, size))
+        return np.asarray(_square(img.convert("RGB"), size))
+
+
+def _folder_frames(files: list[Path]) -> Iterator[np.ndarray]:
+    """Each frame image at its own size, RGB H x W x 3 uint8."""
+    for f in files:
+        with _unreadable_image(f), Image.open(f) as img:
+            frame = np.asarray(img.convert("RGB"))
+        yield frame
+
+
+@contextmanager
+def _unreadable_image(path: str | Path) -> Iterator[None]:
+    """PIL's errors for a frame image become one `ClipReadError` naming the file."""
     try:
-        with Image.open(path) as img:
-            # JPEG only: decode at a reduced scale when the frame is >= 2x the target (much faster).
-            img.draft("RGB", (size, size))
-            return np.asarray(_square(img.convert("RGB"), size))
+        yield
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ClipReadError(path, f"unreadable frame image ({err})") from None
+
+
+@contextmanager
+def _unreadable_video(path: str | Path) -> Iterator[None]:
+    """PyAV's errors for a video become one `ClipReadError` naming the file."""
+    try:
+        yield
+    except ClipReadError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, EOFError) as err:
+        raise ClipReadError(path, f"unreadable video ({err})") from None
+
+
+def _video_stream(container: av.container.InputContainer, path: str | Path) -> av.VideoStream:
+    if not container.streams.video:
+        raise ClipReadError(path, "no video stream in the file")
+    return container.streams.video[0]
 
 
 def iter_video_frames(path: str | Path, every: int = 1) -> Iterator[np.ndarray]:
@@ -105,19 +139,35 @@ def iter_video_frames(path: str | Path, every: int = 1) -> Iterator[np.ndarray]:
     A file that cannot be opened, has no video stream, or breaks while decoding raises
     `ClipReadError` (a truncated mp4 typically fails here, at open: its index is gone).
     """
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ClipReadError(path, "no video stream in the file")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for i, frame in enumerate(container.decode(stream)):
-                if i % every == 0:
-                    yield frame.to_ndarray(format="rgb24")
-    except ClipReadError:
-        raise
-    except (av.FFmpegError, OSError, ValueError, EOFError) as err:
-        raise ClipReadError(path, f"unreadable video ({err})") from None
+    with _unreadable_video(path), av.open(str(path)) as container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            if i % every == 0:
+                yield frame.to_ndarray(format="rgb24")
+
+
+def video_fps(path: str | Path) -> tuple[float | None, int | None]:
+    """(frames per second, frame count if the container knows it) of a video file."""
+    with _unreadable_video(path), av.open(str(path)) as container:
+        stream = _video_stream(container, path)
+        rate = stream.average_rate or stream.guessed_rate
+        return (float(rate) if rate else None), (int(stream.frames) or None)
+
+
+def open_frames(path: str | Path) -> tuple[Iterator[np.ndarray], float | None, int | None]:
+    """(RGB frames H x W x 3 at their own size, fps or None, frame count or None) of a video or a
+    frame folder, for reading a whole recording in order (frames decode as they are taken)."""
+    path = Path(path)
+    if path.is_dir():
+        files = list_frames(path)
+        if not files:
+            raise ClipReadError(path, f"no frame images ({', '.join(sorted(IMAGE_EXTS))})")
+        return _folder_frames(files), None, len(files)
+    if path.is_file():
+        fps, count = video_fps(path)
+        return iter_video_frames(path), fps, count
+    raise ClipReadError(path, "no such file or folder")
 
 
 def _video_frames(path: str | Path, size: int) -> list[np.ndarray]:

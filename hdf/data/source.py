@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hdf.registry import Registry
+
 SPLITS = ("train", "val", "test")
 
 
@@ -127,31 +129,16 @@ class Source:
         return self._cache[split]
 
 
-_DATASETS: dict[str, Callable[[Mapping[str, Any]], SourceSet]] = {}
-
-
-def register_dataset(name: str) -> Callable[[type[SourceSet]], type[SourceSet]]:
-    """Class decorator adding a `SourceSet` to the registry under `name` (the `data.name` key)."""
-
-    def wrap(cls: type[SourceSet]) -> type[SourceSet]:
-        if name in _DATASETS:
-            raise ValueError(f"dataset {name!r} registered twice")
-        _DATASETS[name] = cls
-        return cls
-
-    return wrap
-
-
-def list_datasets() -> list[str]:
-    return sorted(_DATASETS)
+DATASETS: Registry[Callable[[Mapping[str, Any]], SourceSet]] = Registry(
+    "dataset", "set data.name=<name> or pick a file in simulations/conf/data/"
+)
+register_dataset = DATASETS.register  # class decorator: @register_dataset("dfew")
+list_datasets = DATASETS.names
 
 
 def build_sources(cfg: Mapping[str, Any]) -> list[Source]:
     """Ordered sources of a data config; the list position is each source's stable index."""
-    name = cfg["name"]
-    if name not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; registered: {', '.join(list_datasets())}")
-    dataset = _DATASETS[name](cfg)
+    dataset = DATASETS.lookup(cfg["name"])(cfg)
     return [Source(n, i, dataset) for i, n in enumerate(dataset.source_names())]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from hdf.registry import Registry
 from server.strategy.base import SourceFedAvg
 from server.strategy.dro import DRO
 from server.strategy.dro_math import DRO_MODES, DROSettings
@@ -14,31 +15,17 @@ from server.strategy.qfedavg import QFedAvg
 from server.strategy.server_opt import ServerOptimizer, ServerOptSettings
 
 StrategyBuilder = Callable[..., SourceFedAvg]
-_STRATEGIES: dict[str, StrategyBuilder] = {}
-
-
-def register_strategy(name: str) -> Callable[[StrategyBuilder], StrategyBuilder]:
-    """Add a builder `(cfg, **common) -> SourceFedAvg` under `strategy.name`."""
-
-    def wrap(fn: StrategyBuilder) -> StrategyBuilder:
-        if name in _STRATEGIES:
-            raise ValueError(f"strategy {name!r} registered twice")
-        _STRATEGIES[name] = fn
-        return fn
-
-    return wrap
-
-
-def list_strategies() -> list[str]:
-    return sorted(_STRATEGIES)
+STRATEGIES: Registry[StrategyBuilder] = Registry(
+    "strategy", "pick a file in simulations/conf/strategy/ (strategy=<file>)"
+)
+# decorator: @register_strategy("fedavg") adds a builder `(cfg, **common) -> SourceFedAvg`
+register_strategy = STRATEGIES.register
+list_strategies = STRATEGIES.names
 
 
 def build_strategy(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
     """The strategy named by `cfg.name`; `common` holds the run's sources, sizes and seed."""
-    name = cfg["name"]
-    if name not in _STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(list_strategies())}")
-    return _STRATEGIES[name](cfg, **common)
+    return STRATEGIES.lookup(cfg["name"])(cfg, **common)
 
 
 def _fedavg_kwargs(cfg: Mapping[str, Any], common: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from itertools import pairwise
 
 import numpy as np
 
+from hdf.registry import Registry
+
 
 @dataclass(frozen=True)
 class DROSettings:
@@ -277,13 +279,9 @@ class DROMode:
     excess: bool = False
 
 
-DRO_MODES: dict[str, DROMode] = {}
-
-
-def register_mode(name: str, mode: DROMode) -> None:
-    if name in DRO_MODES:
-        raise ValueError(f"DRO mode {name!r} registered twice")
-    DRO_MODES[name] = mode
+DRO_MODES: Registry[DROMode] = Registry("DRO mode", "set strategy.dro.mode=<name>")
+register_mode = DRO_MODES.add
+get_mode = DRO_MODES.lookup
 
 
 register_mode("eg", DROMode(eg_step))
@@ -294,12 +292,6 @@ register_mode("afl", DROMode(afl_step, projection="euclid"))
 register_mode("drfa", DROMode(afl_step, projection="euclid", sample_by_lambda=True, estimate="val"))
 # Regret: EG on the excess of the global model's validation loss over the local model's.
 register_mode("regret", DROMode(regret_step, estimate="val", excess=True))
-
-
-def get_mode(mode: str) -> DROMode:
-    if mode not in DRO_MODES:
-        raise ValueError(f"unknown DRO mode {mode!r}; known modes: {sorted(DRO_MODES)}")
-    return DRO_MODES[mode]
 
 
 def keep_absent(step: np.ndarray, lam: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -367,47 +359,6 @@ def sample_by_weight(weights: np.ndarray, draws: int, seed: int) -> np.ndarray:
     return rng.multinomial(draws, p)
 
 
-# ---- baselines' aggregation weights -------------------------------------------------------------
-def qffl_weights(losses: np.ndarray, q: float) -> np.ndarray:
-    """q-FFL's effective relative weight of each client in the numerator: F_k^q, normalised."""
-    w = np.float_power(np.asarray(losses, np.float64) + 1e-10, q)
-    return w / w.sum()
-
-
-def feddg_ga_step(
-    weights: np.ndarray,
-    gaps: np.ndarray,
-    mask: np.ndarray,
-    step: float,
-    signal: float = 1.0,
-) -> np.ndarray:
-    """FedDG-GA generalization adjustment (Zhang et al. 2023, paper form as in FL4Health).
-
-    G~_k = step * (G_k - mean G) / max_j |G_j - mean G| over the sources that reported
-    (`mask`); a_k <- clip(a_k + signal * G~_k, 0, 1) (signal +1 for a loss gap, -1 for an
-    accuracy gap); a <- a / sum a. A source whose gap is larger than the others' gains weight.
-    Sources without a gap this round keep their weight before renormalisation.
-    """
-    a = np.asarray(weights, dtype=np.float64).copy()
-    mask = np.asarray(mask, dtype=bool)
-    if mask.sum() >= 1:
-        g = np.asarray(gaps, dtype=np.float64)[mask]
-        centred = g - g.mean()
-        top = np.abs(centred).max()
-        if top > 0:
-            a[mask] = np.clip(a[mask] + signal * step * centred / top, 0.0, 1.0)
-    if a.sum() <= 0:
-        a = np.ones_like(a)
-    return a / a.sum()
-
-
-def linear_decay(step: float, server_round: int, num_rounds: int) -> float:
-    """d^r = d * (1 - r / R): FedDG-GA's step size shrinks linearly to 0 at the last round."""
-    if num_rounds <= 0:
-        return step
-    return step * max(0.0, 1.0 - (server_round - 1) / num_rounds)
-
-
 __all__ = [
     "DRO_MODES",
     "DROMode",
@@ -417,15 +368,12 @@ __all__ = [
     "eg_step",
     "ema",
     "excess_loss",
-    "feddg_ga_step",
     "fill_losses",
     "kl_step",
     "limit_step",
-    "linear_decay",
     "on_capped_simplex",
     "project_capped_simplex",
     "project_capped_simplex_euclid",
-    "qffl_weights",
     "regret_step",
     "sample_by_weight",
     "update_lambda",

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from hdf import contract as K
 from server.strategy.base import SourceFedAvg
 from server.strategy.dro import mix_by_source
-from server.strategy.dro_math import feddg_ga_step, linear_decay
+from server.strategy.feddg_ga_math import feddg_ga_step, linear_decay
 
 
 class FedDGGA(SourceFedAvg):

@@ -13,7 +13,7 @@ from flwr.serverapp.strategy.qfedavg import compute_delta_and_h
 
 from hdf import contract as K
 from server.strategy.base import SourceFedAvg, weighted_average
-from server.strategy.dro_math import qffl_weights
+from server.strategy.qffl_math import qffl_weights
 
 
 class QFedAvg(SourceFedAvg):

@@ -8,7 +8,6 @@ generalisation to new faces.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
@@ -27,16 +26,11 @@ from hdf.data.synthetic.expressions import (
 from hdf.data.synthetic.faces import background, render, sample_identities
 from hdf.data.synthetic.presets import Preset
 from hdf.data.synthetic.timing import frame_times
+from hdf.seeding import derive_seed
 
 # Bump whenever the generated pixels or labels change, so stale caches are never reused.
 GENERATOR_VERSION = "synthetic-v2"
 CHUNK = 16  # clips rendered per tensor batch (part of the random stream: keep fixed)
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts, stable across processes and Python versions."""
-    text = "/".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def split_size(preset: Preset, split: str, scale: float) -> int:

@@ -43,7 +43,8 @@ class Selection:
 def score_row(row: Mapping[str, Any]) -> Selection | None:
     """The criterion of one metrics row, from `row["round"]` and `row["train"]` only."""
     uars = [v.get("uar") for v in (row.get("train") or {}).values()]
-    uars = [float(u) for u in uars if u is not None and np.isfinite(u)]
+    # sorted: the sources come in reply order, and a float sum depends on its order
+    uars = sorted(float(u) for u in uars if u is not None and np.isfinite(u))
     if not uars:
         return None
     return Selection(int(row["round"]), min(uars), float(np.mean(uars)))

@@ -28,16 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.proctree import tree_pids
+from deploy.flower_env import FLOWER_ENV
+from testbed.proctree import tree_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PORT = 9443  # the SuperLink's one HTTPS port (Fleet, Control and Runtime APIs)
 
 BASE_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    **FLOWER_ENV,
     "WANDB_MODE": "disabled",
     "PYTHONUNBUFFERED": "1",
 }

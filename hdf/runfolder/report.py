@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from hdf.classes import EMOTIONS
-from server.outputs import RunFolder
-from server.selection import BEST_MODEL_FILE, CRITERION, score_row, select_round
+from hdf.runfolder.folder import RunFolder
+from hdf.runfolder.selection import BEST_MODEL_FILE, CRITERION, score_row, select_round
 
 
 def _finite(x: Any) -> bool:
@@ -21,7 +21,7 @@ def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x)
 
 
-def _fmt(x: float | None) -> str:
+def pct(x: float | None) -> str:
     """A share as a percentage; '-' for a missing or non-finite value."""
     return f"{100 * x:.1f}" if _finite(x) else "-"
 
@@ -149,9 +149,9 @@ def selection_lines(rows: list[dict[str, Any]]) -> list[str]:
         cells = [
             label,
             str(row["round"]),
-            _fmt(s.worst_train_uar if s else None),
-            _fmt(s.mean_train_uar if s else None),
-        ] + [_fmt(row.get("heldout", {}).get(n, {}).get("uar")) for n in held]
+            pct(s.worst_train_uar if s else None),
+            pct(s.mean_train_uar if s else None),
+        ] + [pct(row.get("heldout", {}).get(n, {}).get("uar")) for n in held]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -182,13 +182,13 @@ def write_report(run: RunFolder) -> Path:
     for n, v in sorted(last["train"].items()):
         u0 = first["train"].get(n, {}).get("uar")
         lines.append(
-            f"| {n} | {_num(last['lambda'].get(n))} | {_fmt(u0)} | {_fmt(v.get('uar'))} "
-            f"| {_fmt(v.get('war'))} | {_num(v.get('loss'))} |"
+            f"| {n} | {_num(last['lambda'].get(n))} | {pct(u0)} | {pct(v.get('uar'))} "
+            f"| {pct(v.get('war'))} | {_num(v.get('loss'))} |"
         )
     worst = _worst(last["train"])
     if worst is not None:
         mean = _mean([v.get("uar") for v in last["train"].values()])
-        lines += ["", f"Mean UAR {_fmt(mean)}, worst {_fmt(last['train'][worst]['uar'])}.", ""]
+        lines += ["", f"Mean UAR {pct(mean)}, worst {pct(last['train'][worst]['uar'])}.", ""]
     if last["heldout"]:
         lines += [
             "## Held-out sources (test split)",
@@ -198,7 +198,7 @@ def write_report(run: RunFolder) -> Path:
         ]
         for n, v in sorted(last["heldout"].items()):
             u0 = first["heldout"].get(n, {}).get("uar")
-            lines.append(f"| {n} | {_fmt(u0)} | {_fmt(v.get('uar'))} | {_fmt(v.get('war'))} |")
+            lines.append(f"| {n} | {pct(u0)} | {pct(v.get('uar'))} | {pct(v.get('war'))} |")
             if v.get("confusion"):
                 png = f"confusion_{n}.png"
                 plot_confusion(v["confusion"], f"{n}, round {last['round']}", run.path / png)

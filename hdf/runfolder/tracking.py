@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from server.outputs import RunFolder
+from hdf.runfolder.folder import RunFolder
 
 
 def flatten(row: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -1,0 +1,28 @@
+"""The environment every Flower process of this project runs with: the one Python source of it.
+
+Used by the simulation command (`simulations.run`), the test rig (`testbed.cluster`), the
+benchmarks and the tests. The Makefile, deploy/superlink.sh, deploy/supernode.sh and
+deploy/Dockerfile set the same values in their own syntax; tests/test_flower_env.py holds them to
+this table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+
+FLOWER_ENV: dict[str, str] = {
+    # the app's dependencies come with the project: Flower never pip-installs at run time
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # no usage reports and no update check: sites and CI machines may have no internet
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    # Ray keeps today's behaviour for actors given 0 GPUs and stops warning about it on every start
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+def apply_flower_env(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Set every FLOWER_ENV variable the environment does not set already (a user's value wins)."""
+    for key, value in FLOWER_ENV.items():
+        environ.setdefault(key, value)
