@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from hdf.config import compose, model_settings
 from hdf.data.source import TensorClipDataset
 from hdf.models import build_model
 from hdf.train import train_local
-from simulations.config import compose
 
 # variant -> (DAM on, DSM terms on, SAM on); "base" is the backbone with plain label-smoothed CE.
 VARIANTS = {
@@ -61,7 +61,7 @@ def main() -> None:
     for name, (dam, dsm, sam) in VARIANTS.items():
         cfgs[name] = _variant_cfg(base_cfg, dam, dsm, sam)
         torch.manual_seed(0)
-        models[name] = build_model(cfgs[name].model, t, size)
+        models[name] = build_model(model_settings(cfgs[name].model), t, size)
         train_local(models[name], data, cfgs[name], torch.device("cpu"), epochs=1, lr=1e-4, seed=0)
 
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}

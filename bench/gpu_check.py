@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from hdf.config import compose, model_settings
 from hdf.data.source import TensorClipDataset
 from hdf.evaluate import predict
 from hdf.models import build_model
 from hdf.train import train_local
-from simulations.config import compose
 
 
 def _busy_share(prof: Any, wall: float) -> float | None:
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for dam in (True, False):
         cfg.model.dam.enabled = dam
         torch.manual_seed(0)
-        model = build_model(cfg.model, t, size).to(device)
+        model = build_model(model_settings(cfg.model), t, size).to(device)
         train_local(model, warm, cfg, device, epochs=1, lr=1e-4, seed=0)  # warm-up, autotune
         sync()
         t0 = time.perf_counter()

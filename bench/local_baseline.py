@@ -30,6 +30,7 @@ def _init(cfg_yaml: str) -> None:
     import torch
     from omegaconf import OmegaConf
 
+    from hdf.config import model_settings
     from hdf.data import build_sources, split_sources
     from hdf.models import build_model
 
@@ -39,7 +40,7 @@ def _init(cfg_yaml: str) -> None:
         build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train")
     )
     torch.manual_seed(int(cfg.seed))
-    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+    model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
     _STATE.update(
         cfg=cfg,
         sources=train,
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from omegaconf import OmegaConf
 
+    from hdf.config import compose
     from hdf.data import build_sources, split_sources
-    from simulations.config import compose
 
     cfg = compose(args.overrides)
     train, _ = split_sources(

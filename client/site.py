@@ -14,14 +14,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from hdf.config import RunConfig, load, settings
 from hdf.data import Source, build_sources, split_sources
-from hdf.device import resolve_device
+from hdf.device import resolve_device, set_deterministic
 from hdf.models import HDFNet, build_model
 
 
 @dataclass
 class Site:
-    cfg: DictConfig
+    cfg: DictConfig  # the run config, checked against the schema
+    settings: RunConfig  # the same, typed, for `hdf` calls
     source: Source
     heldout: bool
     model: HDFNet
@@ -78,16 +80,18 @@ def get_site(cfg_yaml: str, node_config: dict[str, Any]) -> Site:
     """The cached site for this node and run config (built on first use)."""
     key = (config_key(cfg_yaml), repr(sorted(node_config.items())))
     if key not in _SITES:
-        cfg = OmegaConf.create(cfg_yaml)
-        assert isinstance(cfg, DictConfig)
-        threads = cfg.train.get("threads")
+        cfg = load(cfg_yaml, "the run config the server sent")
+        run = settings(cfg)
+        threads = run.train.threads
         if threads is None and "partition-id" in node_config:
-            threads = int(cfg.simulation.num_cpus_per_client)
+            threads = int(run.simulation.num_cpus_per_client)
         torch.set_num_threads(int(threads or os.cpu_count() or 1))
+        if run.deterministic:  # false leaves torch's defaults as they are
+            set_deterministic(True)
         source, heldout = resolve_source(cfg, node_config)
-        device = resolve_device(cfg.device)
-        model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size).to(device)
+        device = resolve_device(run.device)
+        model = build_model(run.model, run.data.num_frames, run.data.size).to(device)
         if len(_SITES) >= MAX_SITES:  # a process serves a few sources in turn (simulation)
             _SITES.pop(next(iter(_SITES)))
-        _SITES[key] = Site(cfg, source, heldout, model, device)
+        _SITES[key] = Site(cfg, run, source, heldout, model, device)
     return _SITES[key]

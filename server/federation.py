@@ -21,8 +21,9 @@ from rich.console import Console
 from hdf import contract as K
 from hdf.adapt import check_methods
 from hdf.classes import NUM_CLASSES
+from hdf.config import model_settings
 from hdf.data import build_sources, split_sources
-from hdf.device import seed_everything
+from hdf.device import seed_everything, set_deterministic
 from hdf.evaluate import summarize
 from hdf.models import build_model
 from hdf.optim.schedule import round_lr
@@ -150,6 +151,8 @@ class Federation:
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         seed_everything(int(cfg.seed))
+        if cfg.deterministic:  # the server scores held-out sources in this process
+            set_deterministic(True)
         sources = build_sources(cfg.data)
         self.train_sources, self.heldout_sources = split_sources(
             sources, list(cfg.data.heldout or []), cfg.data.get("train")
@@ -163,7 +166,7 @@ class Federation:
             if registry_file
             else None
         )
-        model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+        model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
         self.arrays = ArrayRecord(model.state_dict())
         server_eval = str(cfg.server.heldout_eval) == "server"
         self.heldout_eval = HeldoutEvaluator(cfg, self.heldout_sources) if server_eval else None

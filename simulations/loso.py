@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,21 +45,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 from omegaconf import OmegaConf
 
+from hdf.config import compose
+from hdf.config.schema import LosoConfig
 from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, DONE_FILE, METRICS_FILE
 from server.selection import select_round
 from simulations.cli import command
-from simulations.config import compose
 from simulations.preflight import check_config, check_data
 from simulations.stats import PairedDiff, paired_ci, verdict
 
-LOSO_DEFAULTS: dict[str, Any] = {
-    "strategies": ["fedavg", "dro"],  # conf/strategy file names, or "centralized"
-    "seeds": [0],
-    "heldout": None,  # null = every source of the data config, one at a time
-    "root": None,  # null = <output.root>/loso
-    "jobs": 1,  # runs at once, each its own process (2 on 2 cores fills start-up and idle gaps)
-    "variants": None,  # null, or {name: [overrides]}: every strategy once per variant
-}
+# The sweep's settings and their defaults: hdf/config/schema.py LosoConfig.
+LOSO_DEFAULTS: dict[str, Any] = asdict(LosoConfig())
 CENTRALIZED = "centralized"
 RUN_INFO = "loso.json"
 LOG_FILE = "log.txt"

@@ -58,7 +58,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def _defaults() -> DictConfig:
     """The default config, for the example value in an error."""
-    from simulations.config import compose
+    from hdf.config import compose
 
     return compose([])
 

@@ -28,11 +28,11 @@ for _k, _v in {
 
 from omegaconf import DictConfig  # noqa: E402
 
+from hdf.config import compose  # noqa: E402
 from hdf.data import build_sources, split_sources  # noqa: E402
 from server.app import make_server_app, open_run, resolve_resume  # noqa: E402
 from server.outputs import RunFolder, discarded_unless_trained  # noqa: E402
 from simulations.cli import command  # noqa: E402
-from simulations.config import compose  # noqa: E402
 from simulations.preflight import check_run  # noqa: E402
 
 

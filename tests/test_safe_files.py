@@ -16,12 +16,12 @@ import torch
 from omegaconf import OmegaConf
 
 from hdf.checkpoint import CheckpointError, load_model
+from hdf.config import compose, model_settings
 from hdf.models import build_model
 from hdf.models.weights import WeightsError
 from server.outputs import RunFolder, rng_state
 from simulations import evaluate as E
 from simulations import run as R
-from simulations.config import compose
 
 
 class Payload:
@@ -41,7 +41,7 @@ def _tiny_cfg(tmp_path: Path):
 def _crafted_run(tmp_path: Path, marker: Path) -> Path:
     """A run folder whose config is genuine and whose checkpoint carries the payload."""
     cfg = _tiny_cfg(tmp_path)
-    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+    model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
     run = RunFolder.create(tmp_path / "runs", "crafted")
     text = OmegaConf.to_yaml(cfg, resolve=True)
     run.write_config(text)

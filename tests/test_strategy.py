@@ -5,6 +5,8 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from hdf import contract as K
+from hdf.config import CONF_DIR as CONF
+from hdf.config import compose
 from hdf.torchfile import load_torch_file
 from server.strategy import (
     DRO,
@@ -17,8 +19,6 @@ from server.strategy import (
     list_strategies,
 )
 from server.strategy.dro_math import update_lambda
-from simulations.config import CONF_DIR as CONF
-from simulations.config import compose
 from tests.fedmock import (
     FakeGrid,
     arrays_record,
