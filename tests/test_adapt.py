@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hdf.adapt import adapt, check_adapt, check_methods, unlabeled_batches
-from hdf.config.schema import AdaptConfig
 from hdf.config import compose, model_settings
+from hdf.config.schema import AdaptConfig
 from hdf.models import build_model
 from hdf.models.hdf_net import NORM_TYPES
 

@@ -85,7 +85,9 @@ def test_weights_file_with_a_payload_is_refused(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(1), "x": Payload(marker)}, path)
     cfg = _tiny_cfg(tmp_path)
     with pytest.raises(WeightsError, match="refused to open"):
-        build_model({**OmegaConf.to_container(cfg.model), "weights": str(path)}, 4, 32)
+        build_model(
+            model_settings({**OmegaConf.to_container(cfg.model), "weights": str(path)}), 4, 32
+        )
     assert not marker.exists()
 
 
