@@ -151,7 +151,8 @@ class MultiData(DataConfig):
     """Several datasets at once (hdf/data/multi.py); every source is named <alias>/<source>."""
 
     name: str = "multi"
-    datasets: dict[str, Any] = field(default_factory=dict)  # alias -> that dataset's data config
+    # alias -> that dataset's data config (or a list of them, each with an optional `alias`)
+    datasets: Any = None
     one_source_per_dataset: bool = False  # true: each whole dataset is one source named <alias>
 
 

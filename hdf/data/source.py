@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hdf.config.tree import group_node
+
 SPLITS = ("train", "val", "test")
 
 
@@ -147,11 +149,12 @@ def list_datasets() -> list[str]:
 
 
 def build_sources(cfg: Mapping[str, Any]) -> list[Source]:
-    """Ordered sources of a data config; the list position is each source's stable index."""
+    """Ordered sources of a data config (checked against its dataset's schema, which fills in
+    the keys it leaves out); the list position is each source's stable index."""
     name = cfg["name"]
     if name not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; registered: {', '.join(list_datasets())}")
-    dataset = _DATASETS[name](cfg)
+    dataset = _DATASETS[name](group_node("data", cfg))
     return [Source(n, i, dataset) for i, n in enumerate(dataset.source_names())]
 
 
