@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from hdf.config import compose, model_settings
+from hdf.config import compose, model_settings, settings
 from hdf.data.source import TensorClipDataset
 from hdf.models import build_model
 from hdf.train import augment_batch, train_local
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def train_epoch(seed: int) -> float:
         t0 = time.perf_counter()
-        train_local(model, data, cfg, device, epochs=1, lr=1e-4, seed=seed)
+        train_local(model, data, settings(cfg), device, epochs=1, lr=1e-4, seed=seed)
         return time.perf_counter() - t0
 
     load_epoch(), train_epoch(0)  # warm-up

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hdf.config import compose, model_settings
+from hdf.config import compose, model_settings, settings
 from hdf.data.source import TensorClipDataset
 from hdf.evaluate import predict
 from hdf.models import build_model
@@ -97,10 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg.model.dam.enabled = dam
         torch.manual_seed(0)
         model = build_model(model_settings(cfg.model), t, size).to(device)
-        train_local(model, warm, cfg, device, epochs=1, lr=1e-4, seed=0)  # warm-up, autotune
+        train_local(
+            model, warm, settings(cfg), device, epochs=1, lr=1e-4, seed=0
+        )  # warm-up, autotune
         sync()
         t0 = time.perf_counter()
-        train_local(model, data, cfg, device, epochs=1, lr=1e-4, seed=1)
+        train_local(model, data, settings(cfg), device, epochs=1, lr=1e-4, seed=1)
         sync()
         rates["dam" if dam else "no_dam"] = clips_n / (time.perf_counter() - t0)
         if dam:
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 acts.append(ProfilerActivity.CUDA)
             with profile(activities=acts) as prof:
                 t0 = time.perf_counter()
-                train_local(model, data, cfg, device, epochs=1, lr=1e-4, seed=2)
+                train_local(model, data, settings(cfg), device, epochs=1, lr=1e-4, seed=2)
                 sync()
                 wall = time.perf_counter() - t0
             share = _busy_share(prof, wall)

@@ -7,6 +7,7 @@ would cost more than a small round's training, so a site is cached per (config, 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ class Site:
     device: torch.device
 
 
+log = logging.getLogger(__name__)
 _SITES: dict[tuple[str, str], Site] = {}
 # In simulation one worker process runs the ClientApp of several virtual nodes in turn; keeping
 # each one's site avoids rebuilding its model and reloading its data on every message.
@@ -48,10 +50,15 @@ def resolve_source(cfg: DictConfig, node_config: dict[str, Any]) -> tuple[Source
     sources in config order.
     """
     data_cfg = cfg.data
-    if "data-root" in node_config:
+    if "data-root" in node_config and "root" in data_cfg:
         data_cfg = OmegaConf.merge(data_cfg, {"root": str(node_config["data-root"])})
+    elif "data-root" in node_config:  # as before the schema: such a dataset has no root to move
+        log.warning(
+            "node-config data-root is ignored: data=%s has no data.root (set its own path keys)",
+            data_cfg.name,
+        )
     sources = build_sources(data_cfg)
-    train, held = split_sources(sources, list(cfg.data.heldout or []), cfg.data.get("train"))
+    train, held = split_sources(sources, list(cfg.data.heldout), cfg.data.train)
     if "source" in node_config:
         name = str(node_config["source"])
         by_name = {s.name: s for s in sources}

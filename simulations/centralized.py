@@ -77,7 +77,7 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
     if settings.deterministic:  # false leaves torch's defaults as they are
         set_deterministic(True)
     train_sources, heldout = split_sources(
-        build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train")
+        build_sources(cfg.data), list(cfg.data.heldout), cfg.data.train
     )
     device = resolve_device(settings.device)
     model = build_model(settings.model, settings.data.num_frames, settings.data.size).to(device)

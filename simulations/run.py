@@ -60,9 +60,7 @@ def simulate(cfg: DictConfig, run: RunFolder, client_app: ClientApp | None = Non
         from client.app import app as client_app
 
     check_simulation(cfg)
-    train, _ = split_sources(
-        build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train")
-    )
+    train, _ = split_sources(build_sources(cfg.data), list(cfg.data.heldout), cfg.data.train)
     backend_config = {
         "client_resources": {
             "num_cpus": float(cfg.simulation.num_cpus_per_client),
