@@ -55,11 +55,11 @@ def model_bytes(overrides: list[str]) -> dict[str, int]:
     """Bytes of the model's arrays: one train round moves them down and up once per client."""
     from flwr.app import ArrayRecord
 
+    from hdf.config import compose, model_settings
     from hdf.models import build_model
-    from simulations.config import compose
 
     cfg = compose(overrides)
-    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+    model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
     record = ArrayRecord(model.state_dict())
     total = sum(len(a.data) for a in record.values())
     floats = sum(len(a.data) for a in record.values() if a.dtype.startswith("float"))

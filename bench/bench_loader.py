@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from hdf.config import compose, model_settings, settings
 from hdf.data.source import TensorClipDataset
 from hdf.models import build_model
 from hdf.train import augment_batch, train_local
-from simulations.config import compose
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     clips = torch.randint(0, 256, (n, t, 3, size, size), generator=g, dtype=torch.uint8)
     data = TensorClipDataset(clips, np.arange(n) % 7, source_index=0)
     torch.manual_seed(0)
-    model = build_model(cfg.model, t, size)
+    model = build_model(model_settings(cfg.model), t, size)
     device = torch.device("cpu")
 
     def load_epoch() -> float:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def train_epoch(seed: int) -> float:
         t0 = time.perf_counter()
-        train_local(model, data, cfg, device, epochs=1, lr=1e-4, seed=seed)
+        train_local(model, data, settings(cfg), device, epochs=1, lr=1e-4, seed=seed)
         return time.perf_counter() - t0
 
     load_epoch(), train_epoch(0)  # warm-up

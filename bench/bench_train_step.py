@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from hdf.config import compose, model_settings, settings
 from hdf.data.source import TensorClipDataset
 from hdf.models import build_model
 from hdf.train import train_local
-from simulations.config import compose
 
 # variant -> (DAM on, DSM terms on, SAM on); "base" is the backbone with plain label-smoothed CE.
 VARIANTS = {
@@ -61,15 +61,23 @@ def main() -> None:
     for name, (dam, dsm, sam) in VARIANTS.items():
         cfgs[name] = _variant_cfg(base_cfg, dam, dsm, sam)
         torch.manual_seed(0)
-        models[name] = build_model(cfgs[name].model, t, size)
-        train_local(models[name], data, cfgs[name], torch.device("cpu"), epochs=1, lr=1e-4, seed=0)
+        models[name] = build_model(model_settings(cfgs[name].model), t, size)
+        train_local(
+            models[name], data, settings(cfgs[name]), torch.device("cpu"), epochs=1, lr=1e-4, seed=0
+        )
 
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for r in range(args.repeats):  # interleaved, so load changes hit every variant alike
         for name in VARIANTS:
             t0 = time.perf_counter()
             stats = train_local(
-                models[name], data, cfgs[name], torch.device("cpu"), epochs=1, lr=1e-4, seed=r
+                models[name],
+                data,
+                settings(cfgs[name]),
+                torch.device("cpu"),
+                epochs=1,
+                lr=1e-4,
+                seed=r,
             )
             times[name].append((time.perf_counter() - t0) / stats["steps"])
     step = {name: min(v) for name, v in times.items()}

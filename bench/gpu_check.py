@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from hdf.config import compose, model_settings, settings
 from hdf.data.source import TensorClipDataset
 from hdf.evaluate import predict
 from hdf.models import build_model
 from hdf.train import train_local
-from simulations.config import compose
 
 
 def _busy_share(prof: Any, wall: float) -> float | None:
@@ -96,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     for dam in (True, False):
         cfg.model.dam.enabled = dam
         torch.manual_seed(0)
-        model = build_model(cfg.model, t, size).to(device)
-        train_local(model, warm, cfg, device, epochs=1, lr=1e-4, seed=0)  # warm-up, autotune
+        model = build_model(model_settings(cfg.model), t, size).to(device)
+        train_local(
+            model, warm, settings(cfg), device, epochs=1, lr=1e-4, seed=0
+        )  # warm-up, autotune
         sync()
         t0 = time.perf_counter()
-        train_local(model, data, cfg, device, epochs=1, lr=1e-4, seed=1)
+        train_local(model, data, settings(cfg), device, epochs=1, lr=1e-4, seed=1)
         sync()
         rates["dam" if dam else "no_dam"] = clips_n / (time.perf_counter() - t0)
         if dam:
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 acts.append(ProfilerActivity.CUDA)
             with profile(activities=acts) as prof:
                 t0 = time.perf_counter()
-                train_local(model, data, cfg, device, epochs=1, lr=1e-4, seed=2)
+                train_local(model, data, settings(cfg), device, epochs=1, lr=1e-4, seed=2)
                 sync()
                 wall = time.perf_counter() - t0
             share = _busy_share(prof, wall)

@@ -28,18 +28,18 @@ _STATE: dict[str, Any] = {}
 
 def _init(cfg_yaml: str) -> None:
     import torch
-    from omegaconf import OmegaConf
 
+    from hdf.config import load, model_settings
     from hdf.data import build_sources, split_sources
     from hdf.models import build_model
 
-    cfg = OmegaConf.create(cfg_yaml)
+    cfg = load(cfg_yaml)
     torch.set_num_threads(int(cfg.simulation.num_cpus_per_client))
     train, _ = split_sources(
         build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train")
     )
     torch.manual_seed(int(cfg.seed))
-    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+    model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
     _STATE.update(
         cfg=cfg,
         sources=train,
@@ -51,6 +51,7 @@ def _init(cfg_yaml: str) -> None:
 def _job(args: tuple[int, int, bool]) -> float:
     import torch
 
+    from hdf.config import settings
     from hdf.evaluate import evaluate
     from hdf.seeding import round_seed
     from hdf.train import loss_on_sample, train_local
@@ -73,7 +74,7 @@ def _job(args: tuple[int, int, bool]) -> float:
     train_local(
         model,
         data,
-        cfg,
+        settings(cfg),
         device,
         epochs=int(cfg.train.local_epochs),
         lr=float(cfg.train.lr),
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from omegaconf import OmegaConf
 
+    from hdf.config import compose
     from hdf.data import build_sources, split_sources
-    from simulations.config import compose
 
     cfg = compose(args.overrides)
     train, _ = split_sources(

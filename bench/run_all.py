@@ -109,7 +109,7 @@ def warm_data(overrides: list[str]) -> float:
             "-c",
             (
                 "import sys\nfrom hdf.data import build_sources\n"
-                "from simulations.config import compose\n"
+                "from hdf.config import compose\n"
                 "cfg = compose(sys.argv[1:])\n"
                 "for s in build_sources(cfg.data):\n"
                 "    [s.split(x) for x in ('train', 'val', 'test')]\n"
@@ -212,15 +212,15 @@ def aggregation(quick: bool, tmp: Path) -> dict[str, Any]:
     from flwr.app import Array, ArrayRecord
     from flwr.serverapp.strategy import FedAvg
 
+    from hdf.config import compose, model_settings
     from hdf.models import build_model
     from server.strategy.base import weighted_average
     from server.strategy.dro import DRO
     from server.validation import validate_train_replies
-    from simulations.config import compose
     from tests.fedmock import train_reply
 
     cfg = compose(["model=r3d_18", "data.num_frames=16", "data.size=112"])
-    state = build_model(cfg.model, 16, 112).state_dict()
+    state = build_model(model_settings(cfg.model), 16, 112).state_dict()
     params = sum(v.numel() for v in state.values())
     rng = np.random.default_rng(0)
     base = {k: v.numpy() for k, v in state.items()}

@@ -22,7 +22,7 @@ from client.optimizer_state import (
 )
 from client.site import Site, get_site
 from hdf import contract as K
-from hdf.adapt import AdaptSettings, check_methods, evaluate_adapted
+from hdf.adapt import check_methods, evaluate_adapted
 from hdf.classes import NUM_CLASSES
 from hdf.evaluate import evaluate as evaluate_model
 from hdf.models.hdf_net import NORM_PARTS, norm_state_keys
@@ -92,8 +92,8 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=int(cfg.eval.batch_size),
     )
     server_round = int(config[K.SERVER_ROUND])
-    keep = bool(cfg.train.get("keep_optimizer_state", False))
-    optimizer = str(cfg.train.get("optimizer", "adamw"))
+    keep = site.settings.train.keep_optimizer_state
+    optimizer = site.settings.train.optimizer
     run = run_key(context, str(config[K.RUN_CONFIG]))
     kept = restore_optimizer_state(context, run, server_round, optimizer) if keep else None
 
@@ -101,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
         return train_local(
             site.model,
             data,
-            cfg,
+            site.settings,
             site.device,
             epochs=int(config[K.LOCAL_EPOCHS]),
             lr=float(config[K.LR]),
@@ -173,14 +173,13 @@ def evaluate(msg: Message, context: Context) -> Message:
         K.LOSS_BALANCED: float(stats["loss_balanced"]),
     }
     if site.heldout:
-        settings = AdaptSettings.from_config(cfg.get("adapt"))
-        for method in check_methods(cfg.server.get("heldout_adapt") or []):
+        for method in check_methods(site.settings.server.heldout_adapt):
             adapted = evaluate_adapted(
                 site.model,
                 data,
                 method,
                 site.device,
-                settings,
+                site.settings.adapt,
                 batch_size=batch_size,
                 precision=precision,
             )

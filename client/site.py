@@ -7,6 +7,7 @@ would cost more than a small round's training, so a site is cached per (config, 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -14,20 +15,23 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from hdf.config import RunConfig, load, settings
 from hdf.data import Source, build_sources, split_sources
-from hdf.device import resolve_device
+from hdf.device import resolve_device, set_deterministic
 from hdf.models import HDFNet, build_model
 
 
 @dataclass
 class Site:
-    cfg: DictConfig
+    cfg: DictConfig  # the run config, checked against the schema
+    settings: RunConfig  # the same, typed, for `hdf` calls
     source: Source
     heldout: bool
     model: HDFNet
     device: torch.device
 
 
+log = logging.getLogger(__name__)
 _SITES: dict[tuple[str, str], Site] = {}
 # In simulation one worker process runs the ClientApp of several virtual nodes in turn; keeping
 # each one's site avoids rebuilding its model and reloading its data on every message.
@@ -46,10 +50,15 @@ def resolve_source(cfg: DictConfig, node_config: dict[str, Any]) -> tuple[Source
     sources in config order.
     """
     data_cfg = cfg.data
-    if "data-root" in node_config:
+    if "data-root" in node_config and "root" in data_cfg:
         data_cfg = OmegaConf.merge(data_cfg, {"root": str(node_config["data-root"])})
+    elif "data-root" in node_config:  # as before the schema: such a dataset has no root to move
+        log.warning(
+            "node-config data-root is ignored: data=%s has no data.root (set its own path keys)",
+            data_cfg.name,
+        )
     sources = build_sources(data_cfg)
-    train, held = split_sources(sources, list(cfg.data.heldout or []), cfg.data.get("train"))
+    train, held = split_sources(sources, list(cfg.data.heldout), cfg.data.train)
     if "source" in node_config:
         name = str(node_config["source"])
         by_name = {s.name: s for s in sources}
@@ -78,16 +87,18 @@ def get_site(cfg_yaml: str, node_config: dict[str, Any]) -> Site:
     """The cached site for this node and run config (built on first use)."""
     key = (config_key(cfg_yaml), repr(sorted(node_config.items())))
     if key not in _SITES:
-        cfg = OmegaConf.create(cfg_yaml)
-        assert isinstance(cfg, DictConfig)
-        threads = cfg.train.get("threads")
+        cfg = load(cfg_yaml, "the run config the server sent")
+        run = settings(cfg)
+        threads = run.train.threads
         if threads is None and "partition-id" in node_config:
-            threads = int(cfg.simulation.num_cpus_per_client)
+            threads = int(run.simulation.num_cpus_per_client)
         torch.set_num_threads(int(threads or os.cpu_count() or 1))
+        if run.deterministic:  # false leaves torch's defaults as they are
+            set_deterministic(True)
         source, heldout = resolve_source(cfg, node_config)
-        device = resolve_device(cfg.device)
-        model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size).to(device)
+        device = resolve_device(run.device)
+        model = build_model(run.model, run.data.num_frames, run.data.size).to(device)
         if len(_SITES) >= MAX_SITES:  # a process serves a few sources in turn (simulation)
             _SITES.pop(next(iter(_SITES)))
-        _SITES[key] = Site(cfg, source, heldout, model, device)
+        _SITES[key] = Site(cfg, run, source, heldout, model, device)
     return _SITES[key]

@@ -15,43 +15,29 @@ them from a clip dataset by dropping each item's label before anything reads it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from hdf.config.schema import AdaptConfig
 from hdf.device import autocast_context
 from hdf.models.hdf_net import NORM_TYPES
 
 METHODS = ("none", "bn", "tent")
 
 
-@dataclass(frozen=True)
-class AdaptSettings:
-    """How a site adapts (config group `adapt`)."""
-
-    batch_size: int = 64  # clips per batch; AdaBN averages the per-batch statistics
-    tent_steps: int = 10  # TENT optimizer steps (one batch each, cycling over the clips)
-    tent_lr: float = 1e-3  # TENT Adam learning rate
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> AdaptSettings:
-        """From the run config's `adapt` mapping; missing keys (older runs) take the defaults."""
-        cfg = cfg or {}
-        out = cls(
-            batch_size=int(cfg.get("batch_size", cls.batch_size)),
-            tent_steps=int(cfg.get("tent_steps", cls.tent_steps)),
-            tent_lr=float(cfg.get("tent_lr", cls.tent_lr)),
+def check_adapt(settings: AdaptConfig) -> AdaptConfig:
+    """`settings` (the run's `adapt` section) if every count is >= 1 and the lr positive."""
+    s = settings
+    if s.batch_size < 1 or s.tent_steps < 1 or s.tent_lr <= 0:
+        raise ValueError(
+            f"adapt.batch_size={s.batch_size}, adapt.tent_steps={s.tent_steps}, "
+            f"adapt.tent_lr={s.tent_lr}: give a batch size and steps >= 1 and a lr > 0"
         )
-        if out.batch_size < 1 or out.tent_steps < 1 or out.tent_lr <= 0:
-            raise ValueError(
-                f"adapt.batch_size={out.batch_size}, adapt.tent_steps={out.tent_steps}, "
-                f"adapt.tent_lr={out.tent_lr}: give a batch size and steps >= 1 and a lr > 0"
-            )
-        return out
+    return s
 
 
 def check_methods(methods: Iterable[str]) -> list[str]:
@@ -199,13 +185,13 @@ def adapt(
     clips: Iterable[torch.Tensor],
     method: str,
     device: torch.device,
-    settings: AdaptSettings | None = None,
+    settings: AdaptConfig | None = None,
     *,
     precision: str = "auto",
 ) -> dict[str, Any]:
     """Adapt `model` in place on unlabeled `clips` (re-iterable uint8 batches, e.g.
     `unlabeled_batches`) with `method` ("none", "bn" or "tent"); returns what it did."""
-    s = settings or AdaptSettings()
+    s = check_adapt(settings or AdaptConfig())
     device = torch.device(device)
     if method not in METHODS:
         raise ValueError(f"unknown adaptation method {method!r}; use one of {list(METHODS)}")
@@ -227,7 +213,7 @@ def evaluate_adapted(
     dataset: Dataset,
     method: str,
     device: torch.device,
-    settings: AdaptSettings | None = None,
+    settings: AdaptConfig | None = None,
     *,
     batch_size: int = 64,
     precision: str = "auto",
@@ -240,7 +226,7 @@ def evaluate_adapted(
     """
     from hdf.evaluate import evaluate
 
-    s = settings or AdaptSettings()
+    s = check_adapt(settings or AdaptConfig())
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
         adapt(
@@ -253,9 +239,9 @@ def evaluate_adapted(
 
 __all__ = [
     "METHODS",
-    "AdaptSettings",
     "ClipsOnly",
     "adapt",
+    "check_adapt",
     "check_methods",
     "evaluate_adapted",
     "recompute_bn_stats",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 
+from hdf.config import model_settings
 from hdf.models import HDFNet, build_model
 from hdf.runfolder.folder import CHECKPOINT_FILE
 from hdf.torchfile import UnreadableFileError, UnsafeFileError, load_torch_file
@@ -146,7 +147,7 @@ def load_model(
     use_cfg = saved_model_cfg if model_cfg is None else {**dict(model_cfg), "weights": None}
     num_frames, size = int(cfg["data"]["num_frames"]), int(cfg["data"]["size"])
     try:
-        model = build_model(use_cfg, num_frames, size)
+        model = build_model(model_settings(use_cfg), num_frames, size)
     except (ValueError, TypeError, RuntimeError) as err:
         diff = config_diff(saved_model_cfg, use_cfg, "model.")
         hint = f"; model config keys that differ from the checkpoint's: {'; '.join(diff)}"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from hdf.config.schema import RunConfig
 from hdf.device import autocast_context, autocast_dtype
 from hdf.evaluate import predict
 from hdf.losses.dsm import DSMLoss
@@ -28,25 +29,6 @@ from hdf.metrics import balanced_cross_entropy, uar, war
 from hdf.optim.base import build_optimizer, export_state, import_state
 from hdf.optim.sam import SAM
 from hdf.optim.schedule import cosine_with_warmup
-
-_DSM_KEYS = ("supcon", "ib", "balance", "alpha", "beta", "tau", "eta", "ib_weight")
-_DSM_KEYS += ("label_smoothing",)
-
-
-def _get(cfg: Any, path: str, default: Any = None) -> Any:
-    """Value at dotted ``path`` of a nested mapping / DictConfig, else ``default``."""
-    node = cfg
-    for key in path.split("."):
-        if node is None:
-            return default
-        node = node.get(key) if isinstance(node, Mapping) else getattr(node, key, None)
-    return default if node is None else node
-
-
-def build_loss(cfg: Any) -> DSMLoss:
-    """DSMLoss from the run config's ``dsm`` group (missing keys take DSMLoss's defaults)."""
-    kwargs = {k: _get(cfg, f"dsm.{k}") for k in _DSM_KEYS}
-    return DSMLoss(**{k: v for k, v in kwargs.items() if v is not None})
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
@@ -104,7 +86,7 @@ def _proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.
 def train_local(
     model: nn.Module,
     dataset: Dataset,
-    cfg: Any,
+    cfg: RunConfig,
     device: torch.device,
     *,
     epochs: int,
@@ -115,6 +97,8 @@ def train_local(
     optimizer_state: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place for ``epochs`` passes over ``dataset`` with DSM + SAM(AdamW).
+
+    `cfg` gives the run's ``train``, ``dsm`` and ``sam`` settings and ``precision``.
 
     Returns means over the training steps of the first-pass (unperturbed) loss and its parts,
     UAR/WAR of the first-pass training predictions, the mean SAM gradient norm g, the number of
@@ -130,42 +114,40 @@ def train_local(
         raise ValueError("cannot train on an empty dataset")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    batch_size = int(_get(cfg, "train.batch_size", 16))
-    precision = str(_get(cfg, "precision", "auto"))
+    train = cfg.train
+    precision = cfg.precision
     amp_dtype = autocast_dtype(device, precision)
-    sam_on = bool(_get(cfg, "sam.enabled", True))
-    rho = float(_get(cfg, "sam.rho", 0.05)) if sam_on else 0.0
+    rho = cfg.sam.rho if cfg.sam.enabled else 0.0
 
     gen = torch.Generator().manual_seed(int(seed))
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=train.batch_size,
         shuffle=True,
         generator=gen,
-        num_workers=int(_get(cfg, "train.num_workers", 0)),
+        num_workers=train.num_workers,
         pin_memory=device.type == "cuda",
         drop_last=False,
     )
     steps_total = epochs * len(loader)
     base = build_optimizer(
         model,
-        str(_get(cfg, "train.optimizer", "adamw")),
+        train.optimizer,
         lr,
-        weight_decay=float(_get(cfg, "train.weight_decay", 0.05)),
-        momentum=float(_get(cfg, "train.momentum", 0.9)),
+        weight_decay=train.weight_decay,
+        momentum=train.momentum,
     )
     if optimizer_state:
         import_state(base, model, optimizer_state)
     sam = SAM(model.parameters(), base, rho)
     sched = cosine_with_warmup(
         base,
-        warmup_steps=round(float(_get(cfg, "train.warmup_frac", 0.1)) * steps_total),
+        warmup_steps=round(train.warmup_frac * steps_total),
         total_steps=steps_total,
-        min_lr_ratio=float(_get(cfg, "train.min_lr_ratio", 0.1)),
+        min_lr_ratio=train.min_lr_ratio,
     )
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    loss_fn = build_loss(cfg)
-    augment = bool(_get(cfg, "train.augment", True))
+    loss_fn = DSMLoss(cfg.dsm)
     anchor = [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
     norm_frozen = _FrozenNormStats(model)
 
@@ -183,7 +165,7 @@ def train_local(
                 clips = clips.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 x = model.preprocess(clips)
-                if augment:
+                if train.augment:
                     x = augment_batch(x, gen, max_shift=max(1, x.shape[-1] // 16))
                 scale = float(scaler.get_scale()) if scaler is not None else 1.0
 
@@ -248,7 +230,7 @@ def train_local(
         "grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
         "seconds": time.perf_counter() - t0,
     }
-    if bool(_get(cfg, "train.keep_optimizer_state", False)):
+    if train.keep_optimizer_state:
         out["optimizer_state"] = export_state(base, model)
     return out
 

@@ -13,6 +13,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
+from hdf.config import load
 from hdf.runfolder.folder import RunFolder, discarded_unless_trained
 from hdf.runfolder.report import write_report
 from server.federation import run_federation
@@ -46,8 +47,7 @@ def resolve_resume(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig
     if not cfg.get("resume"):
         return cfg
     folder = RunFolder(cfg.resume)
-    saved = OmegaConf.create(folder.read_config())
-    assert isinstance(saved, DictConfig)
+    saved = load(folder.read_config(), f"{folder.path}/config.yaml")
     folder.load_checkpoint()  # a refused or unreadable checkpoint fails now, before anything starts
     if rounds_given(overrides):
         given = cfg.rounds
@@ -91,8 +91,8 @@ def make_server_app(cfg: DictConfig, run: RunFolder) -> ServerApp:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """`flwr run .` entry: compose from the `overrides` run-config key and serve."""
-    from simulations.config import compose, split_overrides
-    from simulations.preflight import check_config
+    from hdf.config import compose, split_overrides
+    from hdf.config.preflight import check_config
 
     overrides = split_overrides(str(context.run_config.get("overrides", "")))
     cfg = resolve_resume(compose(overrides), overrides)

@@ -21,8 +21,9 @@ from rich.console import Console
 from hdf import contract as K
 from hdf.adapt import check_methods
 from hdf.classes import NUM_CLASSES
+from hdf.config import model_settings
 from hdf.data import build_sources, split_sources
-from hdf.device import seed_everything
+from hdf.device import seed_everything, set_deterministic
 from hdf.evaluate import summarize
 from hdf.models import build_model
 from hdf.optim.schedule import round_lr
@@ -150,24 +151,26 @@ class Federation:
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         seed_everything(int(cfg.seed))
+        if cfg.deterministic:  # the server scores held-out sources in this process
+            set_deterministic(True)
         sources = build_sources(cfg.data)
         self.train_sources, self.heldout_sources = split_sources(
-            sources, list(cfg.data.heldout or []), cfg.data.get("train")
+            sources, list(cfg.data.heldout), cfg.data.train
         )
         self.names = {s.index: s.name for s in sources}
         self.num_sources = len(sources)
         self.heldout_indices = {s.index for s in self.heldout_sources}
-        registry_file = cfg.server.get("site_registry")
+        registry_file = cfg.server.site_registry
         self.binding = SourceBinding(
             load_registry(registry_file, {s.name: s.index for s in sources})
             if registry_file
             else None
         )
-        model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+        model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
         self.arrays = ArrayRecord(model.state_dict())
         server_eval = str(cfg.server.heldout_eval) == "server"
         self.heldout_eval = HeldoutEvaluator(cfg, self.heldout_sources) if server_eval else None
-        self.adapt_methods = check_methods(cfg.server.get("heldout_adapt") or [])
+        self.adapt_methods = check_methods(cfg.server.heldout_adapt)
         self.heldout_adapted: dict[str, dict[str, Any]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heldout-eval")
         expected = len(self.train_sources) + (0 if server_eval else len(self.heldout_sources))
@@ -194,7 +197,7 @@ class Federation:
             seed=int(cfg.seed),
             source_sizes=sizes,
             server_opt=ServerOptimizer(
-                ServerOptSettings.from_config(cfg.get("server_opt") or {}),
+                ServerOptSettings.from_config(cfg.server_opt),
                 buffers=[name for name, _ in model.named_buffers()],
             ),
             loss_tolerance=float(cfg.server.loss_tolerance),

@@ -8,7 +8,8 @@ from typing import Any
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig
 
-from hdf.adapt import AdaptSettings, check_methods, evaluate_adapted
+from hdf.adapt import check_methods, evaluate_adapted
+from hdf.config import settings
 from hdf.data import Source
 from hdf.device import resolve_device
 from hdf.evaluate import evaluate
@@ -25,12 +26,13 @@ class HeldoutEvaluator:
 
     def __init__(self, cfg: DictConfig, sources: list[Source]) -> None:
         self.sources = sources
-        self.device = resolve_device(cfg.device)
-        self.batch_size = int(cfg.eval.batch_size)
-        self.precision = str(cfg.precision)
-        self.model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size).to(self.device)
-        self.methods = check_methods(cfg.server.get("heldout_adapt") or [])
-        self.adapt_settings = AdaptSettings.from_config(cfg.get("adapt"))
+        run = settings(cfg)
+        self.device = resolve_device(run.device)
+        self.batch_size = run.eval.batch_size
+        self.precision = run.precision
+        self.model = build_model(run.model, run.data.num_frames, run.data.size).to(self.device)
+        self.methods = check_methods(run.server.heldout_adapt)
+        self.adapt_settings = run.adapt
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, dict[str, Any]]:
         if not self.sources:

@@ -21,9 +21,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from hdf.adapt import AdaptSettings, check_methods, evaluate_adapted
+from hdf.adapt import check_methods, evaluate_adapted
+from hdf.config import compose
+from hdf.config import settings as run_settings
+from hdf.config.preflight import check_run
 from hdf.data import ConcatClipDataset, Source, build_sources, split_sources
-from hdf.device import resolve_device, seed_everything
+from hdf.device import resolve_device, seed_everything, set_deterministic
 from hdf.evaluate import evaluate, summarize
 from hdf.models import HDFNet, build_model
 from hdf.runfolder.folder import RunFolder, discarded_unless_trained
@@ -34,8 +37,6 @@ from hdf.seeding import round_seed
 from hdf.train import train_local
 from server.federation import lr_of_round
 from simulations.cli import command
-from simulations.config import compose
-from simulations.preflight import check_run
 
 
 def score(
@@ -57,7 +58,7 @@ def score(
         if adapt == "none":
             stats = evaluate(model, s.split(split), device, **kwargs)
         else:
-            settings = AdaptSettings.from_config(cfg.get("adapt"))
+            settings = run_settings(cfg).adapt
             stats = evaluate_adapted(model, s.split(split), adapt, device, settings, **kwargs)
         out[s.name] = summarize(stats)
         if not confusion:
@@ -71,24 +72,27 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     run.write_config(cfg_yaml)
     best = BestModel(run.path, cfg_yaml)  # selected on the training sources' validation only
-    seed_everything(int(cfg.seed))
+    settings = run_settings(cfg)
+    seed_everything(settings.seed)
+    if settings.deterministic:  # false leaves torch's defaults as they are
+        set_deterministic(True)
     train_sources, heldout = split_sources(
-        build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train")
+        build_sources(cfg.data), list(cfg.data.heldout), cfg.data.train
     )
-    device = resolve_device(cfg.device)
-    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size).to(device)
+    device = resolve_device(settings.device)
+    model = build_model(settings.model, settings.data.num_frames, settings.data.size).to(device)
     pooled = ConcatClipDataset([s.split("train") for s in train_sources])
     share = {s.name: len(s.split("train")) / len(pooled) for s in train_sources}
     tracker = Tracker(cfg, run)
     optimizer_state = None  # only with train.keep_optimizer_state
-    methods = check_methods(cfg.server.get("heldout_adapt") or [])
+    methods = check_methods(settings.server.heldout_adapt)
     for r in range(0, int(cfg.rounds) + 1):
         t0 = time.monotonic()
         if r > 0:
             stats = train_local(
                 model,
                 pooled,
-                cfg,
+                settings,
                 device,
                 epochs=int(cfg.train.local_epochs),
                 lr=lr_of_round(cfg, r),

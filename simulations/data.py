@@ -24,9 +24,9 @@ import torch
 from omegaconf import DictConfig
 
 from hdf.classes import EMOTIONS
+from hdf.config import compose
 from hdf.data import SPLITS, ClipDataset, Source, build_sources
 from simulations import cli
-from simulations.config import compose
 
 USAGE = "usage: python -m simulations.data {stats,preview,prepare} [options] [hydra overrides]"
 

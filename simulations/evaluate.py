@@ -41,16 +41,16 @@ from rich.progress import Progress
 from rich.table import Table
 
 from hdf.adapt import METHODS as ADAPT_METHODS
-from hdf.adapt import AdaptSettings, evaluate_adapted
+from hdf.adapt import evaluate_adapted
 from hdf.checkpoint import checkpoint_config, load_model, read_checkpoint
 from hdf.classes import EMOTIONS
+from hdf.config import compose, load, settings
 from hdf.data import SPLITS, Source, build_sources
 from hdf.device import resolve_device
 from hdf.metrics import per_class_recall
 from hdf.runfolder.folder import METRICS_FILE, RunFolder, clean
 from hdf.runfolder.report import plot_confusion
 from simulations import cli
-from simulations.config import compose
 
 # Overrides of these keys choose *which* data is scored, so every source it lists is scored.
 _DATA_CHOICE_KEYS = {"data", "data.sources", "data.name", "data.manifest"}
@@ -95,8 +95,7 @@ def apply_overrides(base: dict[str, Any], overrides: list[str]) -> tuple[DictCon
                 del node[leaf]
             continue
         OmegaConf.update(cfg, key, o.value(), merge=False, force_add=True)
-    OmegaConf.resolve(cfg)
-    return cfg, keys
+    return load(OmegaConf.to_container(cfg, resolve=True)), keys  # type: ignore[arg-type]
 
 
 def pick_sources(
@@ -222,10 +221,12 @@ def run_evaluation(
     returns the summary JSON object."""
     console = console or cli.console()
     ckpt, ckpt_file = read_checkpoint(checkpoint)
-    base = checkpoint_config(ckpt, ckpt_file)
-    cfg, keys = apply_overrides(base, overrides)
+    # What an older version stored may hold keys this one dropped: they are left out (logged).
+    saved = load(checkpoint_config(ckpt, ckpt_file), str(ckpt_file), drop_unknown=True)
+    cfg, keys = apply_overrides(OmegaConf.to_container(saved), overrides)  # type: ignore[arg-type]
+    run = settings(cfg)
     try:
-        device = resolve_device(str(cfg.get("device", "auto")))
+        device = resolve_device(run.device)
     except RuntimeError as err:  # e.g. device=cuda on a machine without CUDA
         raise ValueError(str(err)) from None
     model_changed = any(k == "model" or k.startswith("model.") for k in keys)
@@ -239,16 +240,14 @@ def run_evaluation(
     picked = pick_sources(build_sources(cfg.data), cfg, keys, sources)
     if adapt not in ADAPT_METHODS:
         raise ValueError(f"--adapt {adapt!r}: use one of {list(ADAPT_METHODS)}")
-    settings = AdaptSettings.from_config(cfg.get("adapt"))
-    batch_size = int(cfg.get("eval", {}).get("batch_size", 64))
-    precision = str(cfg.get("precision", "auto"))
+    batch_size, precision = run.eval.batch_size, run.precision
     stats: dict[str, dict[str, Any]] = {}
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"scoring {split} split", total=len(picked))
         for s in picked:
             progress.update(task, description=f"{s.name} ({split})")
             stats[s.name] = evaluate_adapted(
-                model, s.split(split), adapt, device, settings, batch_size=batch_size,
+                model, s.split(split), adapt, device, run.adapt, batch_size=batch_size,
                 precision=precision,
             )  # fmt: skip
             progress.advance(task)
@@ -273,7 +272,7 @@ def run_evaluation(
         "round": round_,
         "split": split,
         "adapt": adapt,
-        "adapt_settings": asdict(settings) if adapt != "none" else None,
+        "adapt_settings": asdict(run.adapt) if adapt != "none" else None,
         "overrides": overrides,
         "data": OmegaConf.to_container(cfg.data),
         "pooled": total,

@@ -35,26 +35,22 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from hdf.config import compose
+from hdf.config.preflight import check_config, check_data
+from hdf.config.schema import LosoConfig
 from hdf.runfolder.folder import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE
 from simulations.cli import command
-from simulations.config import compose
 from simulations.loso_report import write_report
 from simulations.loso_runs import CENTRALIZED, LOG_FILE, RUN_INFO, RunSpec, Sweep
-from simulations.preflight import check_config, check_data
 
-LOSO_DEFAULTS: dict[str, Any] = {
-    "strategies": ["fedavg", "dro"],  # conf/strategy file names, or "centralized"
-    "seeds": [0],
-    "heldout": None,  # null = every source of the data config, one at a time
-    "root": None,  # null = <output.root>/loso
-    "jobs": 1,  # runs at once, each its own process (2 on 2 cores fills start-up and idle gaps)
-    "variants": None,  # null, or {name: [overrides]}: every strategy once per variant
-}
+# The sweep's settings and their defaults: hdf/config/schema.py LosoConfig.
+LOSO_DEFAULTS: dict[str, Any] = asdict(LosoConfig())
 
 
 def _hash(items: Sequence[str], n: int = 10) -> str:

@@ -24,12 +24,12 @@ for _k, _v in {"RAY_DEDUP_LOGS": "0", "WANDB_SILENT": "true"}.items():
 
 from omegaconf import DictConfig  # noqa: E402
 
+from hdf.config import compose  # noqa: E402
+from hdf.config.preflight import check_run  # noqa: E402
 from hdf.data import build_sources, split_sources  # noqa: E402
 from hdf.runfolder.folder import RunFolder, discarded_unless_trained  # noqa: E402
 from server.app import make_server_app, open_run, resolve_resume  # noqa: E402
 from simulations.cli import command  # noqa: E402
-from simulations.config import compose  # noqa: E402
-from simulations.preflight import check_run  # noqa: E402
 
 
 def check_simulation(cfg: DictConfig) -> None:
@@ -56,9 +56,7 @@ def simulate(cfg: DictConfig, run: RunFolder, client_app: ClientApp | None = Non
         from client.app import app as client_app
 
     check_simulation(cfg)
-    train, _ = split_sources(
-        build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train")
-    )
+    train, _ = split_sources(build_sources(cfg.data), list(cfg.data.heldout), cfg.data.train)
     backend_config = {
         "client_resources": {
             "num_cpus": float(cfg.simulation.num_cpus_per_client),

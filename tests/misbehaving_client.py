@@ -129,9 +129,9 @@ def misbehaving_app(plan: Plan, other_source: Callable[[int], int]) -> ClientApp
 def main(argv: list[str]) -> int:
     """`python -m tests.misbehaving_client PID:KIND:NAME[:ROUND] ... [Hydra overrides]`: one
     simulation with the named misbehaviours (a forged source is the next training source)."""
+    from hdf.config import compose
     from hdf.data import build_sources
     from server.app import open_run
-    from simulations.config import compose
     from simulations.run import simulate
 
     plan: Plan = {}

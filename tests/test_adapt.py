@@ -8,10 +8,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from hdf.adapt import AdaptSettings, adapt, check_methods, unlabeled_batches
+from hdf.adapt import adapt, check_adapt, check_methods, unlabeled_batches
+from hdf.config import compose, model_settings
+from hdf.config.schema import AdaptConfig
 from hdf.models import build_model
 from hdf.models.hdf_net import NORM_TYPES
-from simulations.config import compose
 
 CPU = torch.device("cpu")
 
@@ -102,7 +103,7 @@ def test_adabn_statistics_by_hand_and_nothing_else_changes() -> None:
 
 def test_adabn_on_hdfnet_changes_only_batchnorm_statistics() -> None:
     cfg = compose(["experiment=tiny"])
-    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size).eval()
+    model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size).eval()
     before = _state(model)
     adapt(model, unlabeled_batches(NoLabels(_clips(10, 4, 32)), 4), "bn", CPU)
     after = _state(model)
@@ -119,7 +120,7 @@ def test_tent_changes_only_normalisation_affine_parameters() -> None:
     entropy of the first batch goes down, and no label is ever read."""
     cfg = compose(["experiment=tiny"])
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size).eval()
+    model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size).eval()
     with torch.no_grad():
         model.head.weight.mul_(30)  # confident, so the entropy has a gradient worth following
     affine = {
@@ -132,7 +133,7 @@ def test_tent_changes_only_normalisation_affine_parameters() -> None:
     grads = {k: p.requires_grad for k, p in model.named_parameters()}
     before = _state(model)
     clips = unlabeled_batches(NoLabels(_clips(4, 4, 32)), 4)
-    info = adapt(model, clips, "tent", CPU, AdaptSettings(tent_steps=3, tent_lr=1e-2))
+    info = adapt(model, clips, "tent", CPU, AdaptConfig(tent_steps=3, tent_lr=1e-2))
     assert info["steps"] == 3 and info["entropy_last"] < info["entropy_first"]
     after = _state(model)
     assert affine and any(not torch.equal(before[k], after[k]) for k in affine)
@@ -164,4 +165,4 @@ def test_none_changes_nothing_and_bad_requests_are_named() -> None:
     with pytest.raises(ValueError, match="unknown adaptation method 'ada'"):
         check_methods(["ada"])
     with pytest.raises(ValueError, match=r"adapt\.tent_steps=0"):
-        AdaptSettings.from_config({"tent_steps": 0})
+        check_adapt(AdaptConfig(tent_steps=0))

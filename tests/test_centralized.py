@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from hdf.adapt import AdaptSettings, evaluate_adapted
+from hdf.adapt import evaluate_adapted
 from hdf.checkpoint import load_model
+from hdf.config import compose, settings
 from hdf.data import build_sources
 from hdf.runfolder.folder import RunFolder
 from simulations.centralized import train_centralized
-from simulations.config import compose
 
 
 def test_pooled_baseline_records_adapted_heldout_scores(tmp_path) -> None:
@@ -38,7 +38,7 @@ def test_pooled_baseline_records_adapted_heldout_scores(tmp_path) -> None:
         phone.split("test"),
         "bn",
         torch.device("cpu"),
-        AdaptSettings.from_config(cfg.adapt),
+        settings(cfg).adapt,
         batch_size=int(cfg.eval.batch_size),
     )
     assert logged["loss"] == pytest.approx(stats["loss"], rel=1e-5)

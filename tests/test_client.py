@@ -7,8 +7,8 @@ from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consis
 
 from client.app import app
 from hdf import contract as K
+from hdf.config import compose, model_settings, settings, to_yaml
 from hdf.models import build_model
-from simulations.config import compose, to_yaml
 from tests.fedmock import instruction
 
 
@@ -19,7 +19,7 @@ def cfg(tmp_path_factory):
 
 
 def _message(cfg, kind: str, node: int = 1):
-    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+    model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
     config = ConfigRecord(
         {K.RUN_CONFIG: to_yaml(cfg), K.SERVER_ROUND: 1, K.LOCAL_EPOCHS: 1, K.LR: 1e-3}
     )
@@ -105,7 +105,7 @@ def test_heldout_site_sends_adapted_scores_and_nothing_else(cfg) -> None:
     sends no adapted scores."""
     import torch
 
-    from hdf.adapt import AdaptSettings, evaluate_adapted
+    from hdf.adapt import evaluate_adapted
     from hdf.data import build_sources
     from hdf.evaluate import evaluate
 
@@ -119,7 +119,7 @@ def test_heldout_site_sends_adapted_scores_and_nothing_else(cfg) -> None:
     phone = next(s for s in build_sources(run.data) if s.name == "phone").split("test")
     plain = evaluate(model, phone, torch.device("cpu"), batch_size=32)
     bn = evaluate_adapted(
-        model, phone, "bn", torch.device("cpu"), AdaptSettings.from_config(run.adapt),
+        model, phone, "bn", torch.device("cpu"), settings(run).adapt,
         batch_size=32,
     )  # fmt: skip
     assert reply[K.LOSS] == pytest.approx(plain["loss"], rel=1e-6)

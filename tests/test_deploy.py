@@ -172,7 +172,7 @@ def test_compose_commands_use_flwr_142_flags(compose: dict, tmp_path: Path) -> N
 def test_compose_federation_is_tls_authenticated_and_one_site_per_source(compose: dict) -> None:
     from flwr.common.config import parse_config_args
 
-    from simulations.config import compose as hydra_compose
+    from hdf.config import compose as hydra_compose
 
     services = compose["services"]
     link = _args(services["superlink"])

@@ -32,7 +32,7 @@ def test_eg_two_rounds_by_hand() -> None:
     Round 2: lam * exp(3,1,1) normalised = (.576193, .172914, .250894); mixed:
     (.551906, .188956, .259138); the first is capped: (.5, .210845, .289155).
     """
-    s = DROSettings(eta=1.0, eps=0.1, cap=0.5, loss_clip=10.0)
+    s = DROSettings(max_step=1.0, eta=1.0, eps=0.1, cap=0.5, loss_clip=10.0)
     lam = update_lambda("eg", UNIFORM, np.array([1.0, 2.0, 3.0]), ALL, UNIFORM, s)
     np.testing.assert_allclose(lam, [0.155403, 0.344597, 0.5], atol=2e-6)
     lam = update_lambda("eg", lam, np.array([3.0, 1.0, 1.0]), ALL, UNIFORM, s)
@@ -43,7 +43,7 @@ def test_absent_source_keeps_its_weight() -> None:
     """Source 1 is silent: it keeps 0.3; sources 0 and 2 share the other 0.7 in the EG
     proportions 0.2 e^(0.5*2) : 0.5 e^(0.5*1) = 0.543656 : 0.824361, i.e. 0.7 * (0.397404, 0.602596)
     = (0.278183, 0.421817)."""
-    s = DROSettings(eta=0.5, eps=0.0, cap=1.0)
+    s = DROSettings(max_step=1.0, eta=0.5, eps=0.0, cap=1.0)
     lam = np.array([0.2, 0.3, 0.5])
     out = update_lambda(
         "eg", lam, np.array([2.0, 99.0, 1.0]), np.array([True, False, True]), lam, s
@@ -62,20 +62,20 @@ def test_kl_two_rounds_by_hand_with_a_silent_source() -> None:
     With tau = 2 instead: exp(1.5, .5, 1.5) = (4.48169, 1.64872, 4.48169), sum 10.6121 ->
     (.422319, .155362, .422319); mixed: (.413420, .173159, .413420).
     """
-    s = DROSettings(eps=0.1, cap=0.5, tau=1.0)
+    s = DROSettings(max_step=1.0, eps=0.1, cap=0.5, tau=1.0)
     lam = update_lambda("kl", UNIFORM, np.array([1.0, 2.0, 3.0]), ALL, UNIFORM, s)
     np.testing.assert_allclose(lam, [0.155403, 0.344597, 0.5], atol=2e-6)
     memory = np.array([1.0, 2.0, 3.0])
     silent = np.array([True, True, False])
     out = update_lambda("kl", lam, np.array([3.0, 1.0, 0.0]), silent, UNIFORM, s, memory)
     np.testing.assert_allclose(out, [0.454813, 0.090374, 0.454813], atol=2e-6)
-    s2 = DROSettings(eps=0.1, cap=0.5, tau=2.0)
+    s2 = DROSettings(max_step=1.0, eps=0.1, cap=0.5, tau=2.0)
     out = update_lambda("kl", lam, np.array([3.0, 1.0, 0.0]), silent, UNIFORM, s2, memory)
     np.testing.assert_allclose(out, [0.413420, 0.173159, 0.413420], atol=2e-6)
 
 
 def test_kl_is_closed_form_of_losses_not_of_lambda() -> None:
-    s = DROSettings(eps=0.0, cap=1.0, tau=0.5)
+    s = DROSettings(max_step=1.0, eps=0.0, cap=1.0, tau=0.5)
     losses = np.array([0.5, 1.0, 2.0])
     a = update_lambda("kl", np.array([0.9, 0.05, 0.05]), losses, ALL, UNIFORM, s)
     b = update_lambda("kl", UNIFORM, losses, ALL, UNIFORM, s)
@@ -92,14 +92,14 @@ def test_cvar_two_rounds_by_hand() -> None:
     With cap .5 the round-1 point becomes (.5 on source 1, the other .5 split 1:10 between
     sources 0 and 2): (.045455, .5, .454545).
     """
-    s = DROSettings(eps=0.1, cap=1.0, alpha=0.5)
+    s = DROSettings(max_step=1.0, eps=0.1, cap=1.0, alpha=0.5)
     lam = update_lambda("cvar", UNIFORM, np.array([1.0, 3.0, 2.0]), ALL, UNIFORM, s)
     np.testing.assert_allclose(lam, [1 / 30, 19 / 30, 1 / 3], atol=1e-9)
     mask = np.array([True, False, True])
     memory = np.array([1.0, 3.0, 2.0])
     lam = update_lambda("cvar", lam, np.array([4.0, 0.0, 1.0]), mask, UNIFORM, s, memory)
     np.testing.assert_allclose(lam, [19 / 30, 1 / 3, 1 / 30], atol=1e-9)
-    capped = DROSettings(eps=0.1, cap=0.5, alpha=0.5)
+    capped = DROSettings(max_step=1.0, eps=0.1, cap=0.5, alpha=0.5)
     lam = update_lambda("cvar", UNIFORM, np.array([1.0, 3.0, 2.0]), ALL, UNIFORM, capped)
     np.testing.assert_allclose(lam, [0.5 / 11, 0.5, 5 / 11], atol=1e-9)
 
@@ -107,11 +107,13 @@ def test_cvar_two_rounds_by_hand() -> None:
 def test_cvar_fractional_boundary() -> None:
     """alpha=0.4, K=3: ceil(1.2) = 2 sources; the worst takes (1/3)/0.4 = 5/6, the next the
     remaining 1/6 (fractional), the best nothing (eps=0)."""
-    s = DROSettings(eps=0.0, cap=1.0, alpha=0.4)
+    s = DROSettings(max_step=1.0, eps=0.0, cap=1.0, alpha=0.4)
     lam = update_lambda("cvar", UNIFORM, np.array([1.0, 3.0, 2.0]), ALL, UNIFORM, s)
     np.testing.assert_allclose(lam, [0.0, 5 / 6, 1 / 6], atol=1e-12)
     with pytest.raises(ValueError, match="alpha"):
-        update_lambda("cvar", UNIFORM, UNIFORM, ALL, UNIFORM, DROSettings(alpha=0.0, cap=1.0))
+        update_lambda(
+            "cvar", UNIFORM, UNIFORM, ALL, UNIFORM, DROSettings(max_step=1.0, alpha=0.0, cap=1.0)
+        )
 
 
 def test_afl_two_rounds_by_hand() -> None:
@@ -123,7 +125,7 @@ def test_afl_two_rounds_by_hand() -> None:
     Round 2, losses (3, 1, 1): v = (.543333, .433333, .523333), sum 1.5, theta = 1/6:
     (.376667, .266667, .356667); mixed: (.372333, .273333, .354333).
     """
-    s = DROSettings(eta=0.1, eps=0.1, cap=0.5)
+    s = DROSettings(max_step=1.0, eta=0.1, eps=0.1, cap=0.5)
     lam = update_lambda("afl", UNIFORM, np.array([1.0, 2.0, 3.0]), ALL, UNIFORM, s)
     np.testing.assert_allclose(lam, [0.243333, 0.333333, 0.423333], atol=1e-6)
     lam = update_lambda("afl", lam, np.array([3.0, 1.0, 1.0]), ALL, UNIFORM, s)
@@ -133,13 +135,13 @@ def test_afl_two_rounds_by_hand() -> None:
 def test_afl_silent_source_gets_no_gradient() -> None:
     """eta=.1, eps=0, cap=1, source 1 silent (its 9 is ignored): v = 1/3 + (.1, 0, .3) =
     (.433333, .333333, .633333), sum 1.4, theta = .133333: (.3, .2, .5)."""
-    s = DROSettings(eta=0.1, eps=0.0, cap=1.0)
+    s = DROSettings(max_step=1.0, eta=0.1, eps=0.0, cap=1.0)
     out = afl_step(UNIFORM, np.array([1.0, 9.0, 3.0]), np.array([True, False, True]), UNIFORM, s)
     np.testing.assert_allclose(out, [0.3, 0.2, 0.5], atol=1e-12)
 
 
 def test_drfa_uses_afl_ascent() -> None:
-    s = DROSettings(eta=0.1, eps=0.1, cap=0.5)
+    s = DROSettings(max_step=1.0, eta=0.1, eps=0.1, cap=0.5)
     losses = np.array([1.0, 2.0, 3.0])
     np.testing.assert_allclose(
         update_lambda("drfa", UNIFORM, losses, ALL, UNIFORM, s),
@@ -155,7 +157,7 @@ def test_cap_holds_when_one_source_reports_100x(mode: str) -> None:
     the rest equally, except in CVaR: its worst half is source 2 (2/3) and source 0 (1/3, first
     of the tie by index); capping source 2 at .4 sends .6 to source 0, over the cap too, so it
     is capped and source 1 takes the last .2: (.4, .2, .4)."""
-    s = DROSettings(eta=1.0, eps=0.0, cap=0.4, loss_clip=10.0, tau=1.0, alpha=0.5)
+    s = DROSettings(max_step=1.0, eta=1.0, eps=0.0, cap=0.4, loss_clip=10.0, tau=1.0, alpha=0.5)
     lam = UNIFORM.copy()
     for _ in range(20):
         lam = update_lambda(mode, lam, np.array([1.0, 1.0, 100.0]), ALL, UNIFORM, s)
@@ -194,7 +196,7 @@ def test_a_liar_moves_lambda_at_most_max_step_per_round(mode: str) -> None:
 
 
 def test_negative_or_infinite_losses_are_refused_not_clipped() -> None:
-    s = DROSettings()
+    s = DROSettings(max_step=1.0)
     for bad in (-0.5, np.inf):
         with pytest.raises(ValueError, match="losses must be finite and >= 0"):
             update_lambda("eg", UNIFORM, np.array([1.0, bad, 1.0]), ALL, UNIFORM, s)
@@ -270,13 +272,15 @@ def test_sampling_is_proportional_to_lambda() -> None:
 
 def test_nothing_reported_moves_nothing() -> None:
     lam = np.array([0.2, 0.3, 0.5])
-    out = update_lambda("eg", lam, np.zeros(3), np.zeros(3, bool), UNIFORM, DROSettings())
+    out = update_lambda(
+        "eg", lam, np.zeros(3), np.zeros(3, bool), UNIFORM, DROSettings(max_step=1.0)
+    )
     np.testing.assert_allclose(out, lam)
 
 
 def test_unknown_mode_is_named() -> None:
     with pytest.raises(ValueError, match="unknown DRO mode 'nope'"):
-        update_lambda("nope", UNIFORM, UNIFORM, ALL, UNIFORM, DROSettings())
+        update_lambda("nope", UNIFORM, UNIFORM, ALL, UNIFORM, DROSettings(max_step=1.0))
 
 
 # ---- regret: lambda on the excess loss over each source's own model ---------------------------
@@ -291,7 +295,7 @@ def test_regret_two_rounds_by_hand() -> None:
     mixed (.288367, .515810, .195823); the second is capped at .5 and the others share .5 in
     proportion: (.297783, .5, .202217).
     """
-    s = DROSettings(eta=1.0, eps=0.1, cap=0.5)
+    s = DROSettings(max_step=1.0, eta=1.0, eps=0.1, cap=0.5)
     excess = excess_loss(np.array([1.0, 2.0, 1.5]), np.array([0.5, 1.9, 1.5]))
     np.testing.assert_allclose(excess, [0.5, 0.1, 0.0], atol=1e-12)
     lam = update_lambda("regret", UNIFORM, excess, ALL, UNIFORM, s)
@@ -306,7 +310,7 @@ def test_a_source_with_zero_excess_gains_no_weight() -> None:
     """Source 2's loss is the highest (3.0) but its own model does no better (3.0): plain EG
     raises its weight above the prior, regret does not; with no excess anywhere lambda stays at
     the prior."""
-    s = DROSettings(eta=1.0, eps=0.1, cap=1.0)
+    s = DROSettings(max_step=1.0, eta=1.0, eps=0.1, cap=1.0)
     losses, local = np.array([1.0, 1.2, 3.0]), np.array([0.4, 1.0, 3.0])
     eg = update_lambda("eg", UNIFORM, losses, ALL, UNIFORM, s)
     regret = update_lambda("regret", UNIFORM, excess_loss(losses, local), ALL, UNIFORM, s)

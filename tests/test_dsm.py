@@ -93,7 +93,7 @@ def test_balance_uses_previous_g_when_none_is_given() -> None:
 
 def test_all_switches_off_is_label_smoothed_ce() -> None:
     """supcon, ib and balance off: exactly cross-entropy with label smoothing (alpha = 1)."""
-    loss_fn = DSMLoss(supcon=False, ib=False, balance=False, label_smoothing=0.1)
+    loss_fn = DSMLoss(supcon=False, ib=False, balance=False, alpha=1.0, label_smoothing=0.1)
     loss, parts = loss_fn(LOGITS, FEATURES, LABELS, grad_norm=2.0)
     assert loss.item() == pytest.approx(_ce_by_hand(0.1), rel=1e-6)
     assert parts["supcon"] == 0.0 and parts["ib"] == 0.0

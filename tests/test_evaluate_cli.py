@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord
 from omegaconf import OmegaConf
 
 from hdf.checkpoint import CheckpointError, CheckpointMismatchError, load_model
+from hdf.config import compose, model_settings
 from hdf.data import build_sources, split_sources
 from hdf.evaluate import evaluate, summarize
 from hdf.metrics import uar, war
@@ -27,7 +28,6 @@ from hdf.models import build_model
 from hdf.runfolder.folder import RunFolder, rng_state
 from server.heldout import HeldoutEvaluator
 from simulations import evaluate as E
-from simulations.config import compose
 
 ROUND = 3
 
@@ -50,7 +50,7 @@ def run_dir(tmp_path_factory, cache: Path) -> Path:
         ]
     )
     torch.manual_seed(1)
-    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+    model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
     with torch.no_grad():  # a sharper head, so predictions differ between clips
         model.head.weight.mul_(30)
     run = RunFolder.create(tmp_path_factory.mktemp("runs"), "tiny")

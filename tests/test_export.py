@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from hdf.checkpoint import load_model
+from hdf.config import compose, model_settings
 from hdf.export import (
     SUFFIX,
     ClipClassifier,
@@ -20,14 +21,13 @@ from hdf.export import (
 from hdf.models import build_model
 from hdf.runfolder.folder import RunFolder, rng_state
 from simulations import export as export_cli
-from simulations.config import compose
 
 
 def _run(root: Path, *overrides: str) -> Path:
     """A run folder with a tiny model whose BatchNorm statistics are not the defaults."""
     cfg = compose(["experiment=tiny", f"data.root={root}/cache", "device=cpu", *overrides])
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+    model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
     with torch.no_grad():  # one training-mode pass moves the running statistics
         model.train()(model.preprocess(example_clips(model, batch=4, seed=7)))
     run = RunFolder.create(root / "runs", "tiny")

@@ -105,8 +105,8 @@ def test_two_nodes_claiming_one_source_in_a_simulation_is_an_error() -> None:
 @pytest.mark.slow
 def test_a_site_registry_in_a_simulation_is_refused_before_round_1(tmp_path) -> None:
     """Simulated nodes have random keys: a registry would refuse them all, so it is an error."""
+    from hdf.config import compose
     from server.app import open_run
-    from simulations.config import compose
     from simulations.run import simulate
 
     ssh, _ = _key()

@@ -328,7 +328,7 @@ def test_variants_cross_strategies_and_compare_within_a_variant(tmp_path, monkey
 
 
 def test_hdf_ablation_preset_switches_dam_dsm_and_sam_off_in_the_base_variant() -> None:
-    from simulations.config import compose
+    from hdf.config import compose
 
     sweep = loso.plan(["experiment=loso_hdf_ablation"])
     assert sweep.strategies == ["fedavg@hdf", "fedavg@base", "dro@hdf", "dro@base"]

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from hdf.config import compose
 from server.app import open_run
 from server.identity import DuplicateSource
-from simulations.config import compose
 from simulations.run import simulate
 from tests.misbehaving_client import FORGED_LOSS, Plan, misbehaving_app
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
+from hdf.config import compose, model_settings
+from hdf.config.schema import MODEL_KINDS, ModelConfig
 from hdf.models import HDFNet, build_model, list_backbones, register_backbone
 from hdf.models.hdf_net import backbone_stages
 from hdf.models.registry import get_backbone_builder
@@ -28,13 +29,13 @@ _EXTRA = {"tiny3d": {"width": 8}}
 _CPU_BF16_BACKWARD_BROKEN = {"r2plus1d_18"}
 
 
-def _cfg(name: str, **overrides: object) -> dict:
-    """A model config for `name` with DAM on at every stage, plus `overrides`."""
+def _cfg(name: str, **overrides: object) -> ModelConfig:
+    """Model settings for `name` with DAM on at every stage, plus `overrides`."""
     cfg: dict = {"backbone": name, "width": 16, "dropout": 0.0, "weights": None}
     cfg.update(_EXTRA.get(name, {}))
     cfg["dam"] = {"enabled": True, "temporal": True, "frequency": True, "stages": None}
     cfg.update(overrides)
-    return cfg
+    return model_settings(cfg)
 
 
 def _clips(batch: int = BATCH, side: int = SIZE, channels: int = 3) -> torch.Tensor:
@@ -253,10 +254,12 @@ def test_every_backbone_has_a_model_config_that_builds() -> None:
     conf_dir = Path(__file__).resolve().parents[1] / "simulations" / "conf" / "model"
     files = {p.stem: p for p in conf_dir.glob("*.yaml")}
     assert set(BACKBONES) <= set(files), f"no config for {set(BACKBONES) - set(files)}"
-    for stem, path in files.items():
-        cfg = OmegaConf.load(path)
-        if cfg.get("backbone") not in BACKBONES:
-            continue  # a config for another purpose; its own tests check it
-        cfg.dam.enabled = False  # construction only; DAM is covered above
-        model = build_model(cfg, T, SIZE)
-        assert model.backbone_name == cfg.backbone, stem
+    for stem in files:
+        cfg = compose([f"model={stem}", "model.dam.enabled=false"]).model  # no DAM: covered above
+        model = build_model(model_settings(cfg), T, SIZE)
+        assert model.backbone_name == cfg.backbone == stem, stem
+
+
+def test_every_backbone_has_a_schema() -> None:
+    """A registered backbone without a model schema could not be configured at all."""
+    assert set(BACKBONES) <= set(MODEL_KINDS), set(BACKBONES) - set(MODEL_KINDS)

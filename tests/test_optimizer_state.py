@@ -11,9 +11,12 @@ from flwr.app import Context, MessageType, RecordDict
 
 from client.optimizer_state import restore_optimizer_state, save_optimizer_state
 from hdf import contract as K
+from hdf.config import model_settings
+from hdf.config.schema import DSMConfig, RunConfig, SAMConfig, TrainConfig
 from hdf.data.source import TensorClipDataset
+from hdf.losses.dsm import DSMLoss
 from hdf.optim.base import OptimizerStateError, build_optimizer, export_state, import_state
-from hdf.train import build_loss, train_local
+from hdf.train import train_local
 from tests.test_train import StandIn
 
 CPU = torch.device("cpu")
@@ -28,33 +31,33 @@ def _data() -> TensorClipDataset:
     return TensorClipDataset(clips, labels.numpy(), source_index=0)
 
 
-def _cfg(optimizer: str = "adamw", keep: bool = True) -> dict:
+def _cfg(optimizer: str = "adamw", keep: bool = True) -> RunConfig:
     """Plain CE, no SAM, no augmentation, one constant lr: a step is an optimiser step alone."""
-    return {
-        "precision": "fp32",
-        "train": {
-            "batch_size": 8,
-            "weight_decay": WD,
-            "warmup_frac": 0.0,
-            "min_lr_ratio": 1.0,
-            "augment": False,
-            "optimizer": optimizer,
-            "momentum": 0.9,
-            "keep_optimizer_state": keep,
-        },
-        "dsm": {"supcon": False, "ib": False, "balance": False},
-        "sam": {"enabled": False},
-    }
+    return RunConfig(
+        precision="fp32",
+        train=TrainConfig(
+            batch_size=8,
+            weight_decay=WD,
+            warmup_frac=0.0,
+            min_lr_ratio=1.0,
+            augment=False,
+            optimizer=optimizer,
+            momentum=0.9,
+            keep_optimizer_state=keep,
+        ),
+        dsm=DSMConfig(supcon=False, ib=False, balance=False, alpha=1.0),
+        sam=SAMConfig(enabled=False),
+    )
 
 
-def _grads(model: StandIn, data: TensorClipDataset, cfg: dict) -> dict[str, torch.Tensor]:
+def _grads(model: StandIn, data: TensorClipDataset, cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The training loss gradient on the whole (one-batch) data set at the current weights."""
     m = copy.deepcopy(model)
     m.train()
     clips = torch.stack([data[i][0] for i in range(len(data))])
     labels = torch.as_tensor(data.labels)
     logits, features = m(m.preprocess(clips))
-    loss, _ = build_loss(cfg)(logits, features, labels)
+    loss, _ = DSMLoss(cfg.dsm)(logits, features, labels)
     loss.backward()
     return {n: p.grad.detach().clone() for n, p in m.named_parameters()}
 
@@ -154,12 +157,12 @@ def test_client_keeps_its_optimizer_state_in_context_state(tmp_path) -> None:
     """The ClientApp: round 1 leaves the AdamW state in context.state; round 2 continues it
     (step count = both rounds' steps); a round-2 message to a new context starts afresh."""
     from client.app import app
+    from hdf.config import compose, to_yaml
     from hdf.models import build_model
-    from simulations.config import compose, to_yaml
     from tests.fedmock import instruction
 
     cfg = compose(["experiment=tiny", f"data.root={tmp_path}", "train.keep_optimizer_state=true"])
-    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+    model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
 
     def message(server_round: int):
         from flwr.app import ArrayRecord, ConfigRecord
@@ -195,8 +198,8 @@ def test_client_keeps_its_optimizer_state_in_context_state(tmp_path) -> None:
 def test_centralized_carries_the_state_from_round_to_round(tmp_path, monkeypatch) -> None:
     """The pooled baseline hands each round's returned state to the next round's call."""
     import simulations.centralized as central
+    from hdf.config import compose
     from hdf.runfolder.folder import RunFolder
-    from simulations.config import compose
 
     seen: list[object] = []
 

@@ -21,11 +21,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from hdf.classes import EMOTIONS
+from hdf.config import compose, model_settings
 from hdf.data.faces import detector_available
 from hdf.models import build_model
 from hdf.runfolder.folder import RunFolder, rng_state
 from simulations import predict as P
-from simulations.config import compose
 
 needs_detector = pytest.mark.skipif(
     not detector_available(),
@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("predict")
     cfg = compose(["experiment=tiny", f"data.root={tmp}/cache", "device=cpu"])
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+    model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
     run = RunFolder.create(tmp / "runs", "tiny")
     text = OmegaConf.to_yaml(cfg, resolve=True)
     run.write_config(text)

@@ -293,7 +293,7 @@ def test_empty_source_is_an_error_at_startup(tmp_path):
 
 
 def test_hydra_configs_require_paths():
-    from simulations.config import compose
+    from hdf.config import compose
 
     for group, key in (("dfew", "root"), ("ferv39k", "root"), ("manifest", "manifest")):
         cfg = compose([f"data={group}"])

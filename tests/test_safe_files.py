@@ -16,12 +16,12 @@ import torch
 from omegaconf import OmegaConf
 
 from hdf.checkpoint import CheckpointError, load_model
+from hdf.config import compose, model_settings
 from hdf.models import build_model
 from hdf.models.weights import WeightsError
 from hdf.runfolder.folder import RunFolder, rng_state
 from simulations import evaluate as E
 from simulations import run as R
-from simulations.config import compose
 
 
 class Payload:
@@ -41,7 +41,7 @@ def _tiny_cfg(tmp_path: Path):
 def _crafted_run(tmp_path: Path, marker: Path) -> Path:
     """A run folder whose config is genuine and whose checkpoint carries the payload."""
     cfg = _tiny_cfg(tmp_path)
-    model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
+    model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
     run = RunFolder.create(tmp_path / "runs", "crafted")
     text = OmegaConf.to_yaml(cfg, resolve=True)
     run.write_config(text)
@@ -85,7 +85,9 @@ def test_weights_file_with_a_payload_is_refused(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(1), "x": Payload(marker)}, path)
     cfg = _tiny_cfg(tmp_path)
     with pytest.raises(WeightsError, match="refused to open"):
-        build_model({**OmegaConf.to_container(cfg.model), "weights": str(path)}, 4, 32)
+        build_model(
+            model_settings({**OmegaConf.to_container(cfg.model), "weights": str(path)}), 4, 32
+        )
     assert not marker.exists()
 
 

@@ -8,9 +8,9 @@ import torch
 import yaml
 
 from hdf.checkpoint import read_checkpoint
+from hdf.config import compose
 from hdf.runfolder.selection import select_round
 from server.app import open_run, resolve_resume
-from simulations.config import compose
 from simulations.run import simulate
 
 SOURCES = "data.sources=[studio,webcam,cctv,phone]"

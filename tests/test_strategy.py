@@ -5,6 +5,8 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from hdf import contract as K
+from hdf.config import CONF_DIR as CONF
+from hdf.config import compose
 from hdf.torchfile import load_torch_file
 from server.strategy import (
     DRO,
@@ -17,8 +19,6 @@ from server.strategy import (
     list_strategies,
 )
 from server.strategy.dro_math import update_lambda
-from simulations.config import CONF_DIR as CONF
-from simulations.config import compose
 from tests.fedmock import (
     FakeGrid,
     arrays_record,
@@ -81,7 +81,7 @@ def test_the_mix_does_not_depend_on_reply_order(cls) -> None:
 
 
 def test_dro_mixes_by_lambda_after_update() -> None:
-    settings = DROSettings(eta=1.0, eps=0.1, cap=0.6)
+    settings = DROSettings(max_step=1.0, eta=1.0, eps=0.1, cap=0.6)
     s = _strategy(DRO, settings=settings)
     losses = [0.5, 1.0, 2.0]
     replies = [
@@ -105,7 +105,7 @@ def test_dro_mixes_by_lambda_after_update() -> None:
 def test_dro_balanced_loss_moves_lambda_on_the_class_balanced_loss() -> None:
     """loss=balanced reads `loss-before-balanced` (1, 2, 1), not the plain (2, .5, .5): lambda
     is eg's update on (1, 2, 1); a reply without the balanced loss falls back to its plain one."""
-    settings = DROSettings(eta=1.0, eps=0.1, cap=0.6)
+    settings = DROSettings(max_step=1.0, eta=1.0, eps=0.1, cap=0.6)
     u = np.full(3, 1 / 3)
     ones = np.ones(3, bool)
     s = _strategy(DRO, settings=settings, loss="balanced")
@@ -133,7 +133,7 @@ def test_dro_balanced_loss_moves_lambda_on_the_class_balanced_loss() -> None:
 
 
 def test_dro_partial_participation_renormalises_over_repliers() -> None:
-    s = _strategy(DRO, settings=DROSettings(eta=0.0, eps=0.0, cap=1.0))
+    s = _strategy(DRO, settings=DROSettings(max_step=1.0, eta=0.0, eps=0.0, cap=1.0))
     replies = [train_reply(10, _arrays(1.0), source=0), train_reply(12, _arrays(4.0), source=2)]
     arrays, _ = s.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 2.5))
@@ -197,7 +197,7 @@ def test_a_dro_liar_is_flagged_and_counts_with_the_seen_validation_loss() -> Non
     """Validation losses of the model sent: (1, 2, 3). Source 2 reports 300: over 2x its 3, so
     lambda moves on (1, 2, 3): the eg round of test_dro_math, (.155403, .344597, .5). Without
     the check it would move on the clipped 10."""
-    settings = DROSettings(eta=1.0, eps=0.1, cap=0.5)
+    settings = DROSettings(max_step=1.0, eta=1.0, eps=0.1, cap=0.5)
     s = _strategy(DRO, settings=settings)
     s.aggregate_evaluate(0, [eval_reply(10 + i, source=i, loss=1.0 + i) for i in range(3)])
     _round(s, 1, [1.0, 2.0, 300.0])
@@ -210,7 +210,7 @@ def test_a_dro_liar_is_flagged_and_counts_with_the_seen_validation_loss() -> Non
 def test_balanced_dro_checks_against_the_balanced_validation_loss() -> None:
     """loss=balanced compares loss-before-balanced with the evaluate reply's loss-balanced
     (here 1.5 for every source): a balanced 4 is replaced by 1.5, a NaN one is rejected."""
-    settings = DROSettings(eta=1.0, eps=0.1, cap=0.6)
+    settings = DROSettings(max_step=1.0, eta=1.0, eps=0.1, cap=0.6)
     s = _strategy(DRO, settings=settings, loss="balanced")
     evals = [eval_reply(10 + i, source=i, loss=1.0) for i in range(3)]
     for m in evals:
@@ -328,7 +328,7 @@ def test_dro_kl_remembers_silent_sources_across_rounds_and_checkpoints() -> None
     """The test_dro_math KL example through the strategy: round 1 all three report (1, 2, 3);
     round 2 only sources 0 and 1 report (3, 1) and source 2's remembered 3 is used:
     lambda = (.454813, .090374, .454813). The memory survives a checkpoint."""
-    settings = DROSettings(eps=0.1, cap=0.5, tau=1.0)
+    settings = DROSettings(max_step=1.0, eps=0.1, cap=0.5, tau=1.0)
     s = _strategy(DRO, mode="kl", settings=settings)
     _round(s, 1, [1.0, 2.0, 3.0])
     np.testing.assert_allclose(s.lam, [0.155403, 0.344597, 0.5], atol=2e-6)
@@ -344,7 +344,7 @@ def test_dro_kl_remembers_silent_sources_across_rounds_and_checkpoints() -> None
 
 def test_dro_partial_participation_every_mode_keeps_lambda_on_the_capped_simplex() -> None:
     for mode in ["eg", "kl", "cvar", "afl"]:
-        s = _strategy(DRO, mode=mode, settings=DROSettings(eta=1.0, eps=0.1, cap=0.5))
+        s = _strategy(DRO, mode=mode, settings=DROSettings(max_step=1.0, eta=1.0, eps=0.1, cap=0.5))
         for r in range(1, 6):
             nodes = [(10, 11), (12,), (10, 12), (11,), (10, 11, 12)][r - 1]
             _round(s, r, [1.0, 2.0, 5.0], nodes=nodes)
@@ -357,7 +357,7 @@ def test_regret_strategy_moves_lambda_on_excess_validation_loss() -> None:
     models' (0.5, 1.9, 1.5) and loss-before 9 (not used): lambda = (.428616, .298299, .273084)
     and the update is mixed by it. Round 2: validation (0.8, 2.0, 1.2), local (0.8, 1.0, 1.4):
     (.297783, .5, .202217); a checkpoint in between changes nothing."""
-    settings = DROSettings(eta=1.0, eps=0.1, cap=0.5)
+    settings = DROSettings(max_step=1.0, eta=1.0, eps=0.1, cap=0.5)
     s = _strategy(DRO, mode="regret", settings=settings)
     assert s.estimate == "val"
     sent = list(s.configure_train(1, arrays_record(GLOBAL), ConfigRecord({}), FakeGrid([10])))
@@ -386,7 +386,7 @@ def test_regret_strategy_moves_lambda_on_excess_validation_loss() -> None:
 def test_regret_source_without_local_loss_keeps_its_weight() -> None:
     """Source 1 sends no local-val-loss: it keeps 1/3; sources 0 and 2 (excess 1 and 0) share
     the other 2/3 in the EG proportions e : 1 (eps 0, no cap)."""
-    s = _strategy(DRO, mode="regret", settings=DROSettings(eta=1.0, eps=0.0, cap=1.0))
+    s = _strategy(DRO, mode="regret", settings=DROSettings(max_step=1.0, eta=1.0, eps=0.0, cap=1.0))
     s.aggregate_evaluate(0, [eval_reply(10 + i, source=i, loss=2.0) for i in range(3)])
     replies = [train_reply(10 + i, _arrays(0.0), source=i) for i in range(3)]
     for i, v in [(0, 1.0), (2, 2.5)]:
@@ -411,7 +411,7 @@ def test_val_estimate_with_smoothing_by_hand() -> None:
     (.155403, .344597, .5). Round 2: validation (3, 1, 1), smoothed to (2, 1.5, 2): lam *
     exp(2, 1.5, 2) normalised = (.179779, .241793, .578428); mixed (.195135, .250947, .553919);
     the third is capped and the others share .5: (.218721, .281279, .5)."""
-    settings = DROSettings(eta=1.0, eps=0.1, cap=0.5)
+    settings = DROSettings(max_step=1.0, eta=1.0, eps=0.1, cap=0.5)
     s = _strategy(DRO, settings=settings, estimate="val", smoothing=0.5)
     for r, val in [(1, [1.0, 2.0, 3.0]), (2, [3.0, 1.0, 1.0])]:
         s.aggregate_evaluate(
@@ -428,7 +428,9 @@ def test_val_estimate_uses_only_the_last_evaluation() -> None:
     """Source 2 missed the last evaluation: under estimate=val it has no current validation
     loss and falls back to its loss-before (here equal to source 0's validation loss, so the
     two end equal), not to the stale value 5 of the evaluation before."""
-    s = _strategy(DRO, settings=DROSettings(eta=1.0, eps=0.0, cap=1.0), estimate="val")
+    s = _strategy(
+        DRO, settings=DROSettings(max_step=1.0, eta=1.0, eps=0.0, cap=1.0), estimate="val"
+    )
     s.aggregate_evaluate(0, [eval_reply(10 + i, source=i, loss=5.0) for i in range(3)])
     s.aggregate_evaluate(1, [eval_reply(10 + i, source=i, loss=1.0 + i) for i in range(2)])
     _round(s, 2, [0.0, 0.0, 1.0])
@@ -438,7 +440,7 @@ def test_val_estimate_uses_only_the_last_evaluation() -> None:
 def test_drfa_samples_by_lambda_and_averages_over_draws() -> None:
     """lambda = (.2, .3, .5); with fraction_train 1 there are 3 draws a round. Over 2000 rounds
     the draws are proportional to lambda (chi-square, 2 d.o.f., 0.1% critical value 13.8)."""
-    s = _strategy(DRO, mode="drfa", settings=DROSettings(eta=0.1, eps=0.1, cap=0.6))
+    s = _strategy(DRO, mode="drfa", settings=DROSettings(max_step=1.0, eta=0.1, eps=0.1, cap=0.6))
     s.lam = np.array([0.2, 0.3, 0.5])
     counts = np.zeros(3)
     for r in range(1, 2001):
@@ -455,7 +457,7 @@ def test_drfa_round_by_hand() -> None:
     Then lambda moves by AFL's ascent on the last validation losses (1, 2, 3), not on the
     loss-before of the sampled sources: the test_dro_math AFL round 1, (.243333, .333333,
     .423333)."""
-    s = _strategy(DRO, mode="drfa", settings=DROSettings(eta=0.1, eps=0.1, cap=0.5))
+    s = _strategy(DRO, mode="drfa", settings=DROSettings(max_step=1.0, eta=0.1, eps=0.1, cap=0.5))
     s.aggregate_evaluate(0, [eval_reply(10 + i, source=i, loss=1.0 + i) for i in range(3)])
     np.testing.assert_allclose(s.eval_loss, [1.0, 2.0, 3.0])
     s.draws = {0: 2, 2: 1}

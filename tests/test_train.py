@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from hdf.config.schema import DSMConfig, RunConfig, SAMConfig, Tiny3DModel, TrainConfig
 from hdf.data.source import TensorClipDataset
 from hdf.losses.dsm import DSMLoss
 from hdf.optim.sam import SAM
-from hdf.train import augment_batch, build_loss, loss_on_sample, train_local
+from hdf.train import augment_batch, loss_on_sample, train_local
 
 
 class StandIn(nn.Module):
@@ -45,20 +46,15 @@ def _dataset(n: int = 24, seed: int = 0) -> TensorClipDataset:
     return TensorClipDataset(clips, labels.numpy(), source_index=0)
 
 
-def _cfg(**sam: object) -> dict:
-    return {
-        "precision": "fp32",
-        "train": {
-            "batch_size": 8,
-            "weight_decay": 0.0,
-            "warmup_frac": 0.1,
-            "min_lr_ratio": 0.1,
-            "num_workers": 0,
-            "augment": True,
-        },
-        "dsm": {"supcon": True, "ib": True, "balance": True, "alpha": 1.0, "beta": 0.5},
-        "sam": {"enabled": True, "rho": 0.05, **sam},
-    }
+def _cfg(**sam: object) -> RunConfig:
+    """fp32, a short warm-up and cosine inside the call, DSM with the paper's fixed-form
+    alpha = 1, beta = 0.5 (balanced by g), SAM on unless `sam` says otherwise."""
+    return RunConfig(
+        precision="fp32",
+        train=TrainConfig(batch_size=8, weight_decay=0.0, warmup_frac=0.1, min_lr_ratio=0.1),
+        dsm=DSMConfig(alpha=1.0, beta=0.5),
+        sam=SAMConfig(**sam),  # type: ignore[arg-type]
+    )
 
 
 CPU = torch.device("cpu")
@@ -224,7 +220,7 @@ def test_augment_batch_flip_and_shift() -> None:
 
 
 def test_all_dsm_switches_off_gives_plain_ce() -> None:
-    loss_fn = build_loss({"dsm": {"supcon": False, "ib": False, "balance": False}})
+    loss_fn = DSMLoss(supcon=False, ib=False, balance=False, alpha=1.0)
     logits, labels = torch.randn(4, 7), torch.tensor([0, 1, 2, 3])
     loss, _ = loss_fn(logits, torch.randn(4, 5), labels)
     expected = nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
@@ -236,12 +232,12 @@ def test_train_local_hdfnet_smoke() -> None:
     from hdf.models import build_model
 
     torch.manual_seed(0)
-    model = build_model({"backbone": "tiny3d", "width": 4, "dropout": 0.1}, num_frames=4, size=32)
+    model = build_model(Tiny3DModel(width=4), num_frames=4, size=32)
     g = torch.Generator().manual_seed(0)
     clips = torch.randint(0, 256, (6, 4, 3, 32, 32), generator=g, dtype=torch.uint8)
     data = TensorClipDataset(clips, np.array([0, 1, 2, 0, 1, 2]), source_index=0)
     cfg = _cfg()
-    cfg["train"]["batch_size"] = 3
+    cfg.train.batch_size = 3
     stats = train_local(model, data, cfg, CPU, epochs=1, lr=1e-3, seed=0)
     assert (
         stats["steps"] == 2 and math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])

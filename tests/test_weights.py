@@ -7,17 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from hdf.config import model_settings
+from hdf.config.schema import ModelConfig
 from hdf.models import build_model
 from hdf.models.weights import WeightsError, load_weights
 
 T, SIZE = 4, 32
 
 
-def _cfg(weights: object = None, **overrides: object) -> dict:
-    """A small tiny3d config without DAM (weights logic does not depend on it)."""
+def _cfg(weights: object = None, **overrides: object) -> ModelConfig:
+    """A small tiny3d model without DAM (weights logic does not depend on it)."""
     cfg: dict = {"backbone": "tiny3d", "width": 8, "dam": {"enabled": False}, "weights": weights}
     cfg.update(overrides)
-    return cfg
+    return model_settings(cfg)
 
 
 def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -71,13 +73,13 @@ def test_torchvision_file_with_a_kinetics_head_loads(tmp_path: Path) -> None:
     """A torchvision video ResNet file keeps its 400-class fc; the backbone loads, fc is dropped."""
     torch.manual_seed(0)
     cfg = {"backbone": "mc3_18", "dam": {"enabled": False}}
-    src = build_model(cfg, T, SIZE)
+    src = build_model(model_settings(cfg), T, SIZE)
     state = dict(src.backbone.state_dict())
     state["fc.weight"], state["fc.bias"] = torch.zeros(400, 512), torch.zeros(400)
     path = tmp_path / "mc3_18_kinetics.pth"
     torch.save(state, path)
     torch.manual_seed(1)
-    dst = build_model({**cfg, "weights": str(path)}, T, SIZE)
+    dst = build_model(model_settings({**cfg, "weights": str(path)}), T, SIZE)
     _assert_same_state(src.backbone, dst.backbone)
 
 

@@ -71,7 +71,7 @@ class DFEWSources(SourceSet):
         super().__init__(cfg)
         self.options = clip_options(cfg)
         root = Path(str(cfg["root"])).expanduser()
-        self.variant = str(cfg.get("variant") or VARIANTS[0])
+        self.variant = str(cfg["variant"])
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown data.variant {self.variant!r}; expected one of {VARIANTS}")
         if not root.is_dir():
@@ -85,29 +85,29 @@ class DFEWSources(SourceSet):
                 f"DFEW frame folder {self.clips_dir} not found; expected Clip/{self.variant}/"
                 f"NNNNN/ frame folders under data.root (data.variant picks {' or '.join(VARIANTS)})"
             )
-        self.fold = int(cfg.get("fold", 1))
+        self.fold = int(cfg["fold"])
         if not 1 <= self.fold <= 5:
             raise ValueError(f"data.fold must be 1..5 (DFEW's 5-fold protocol), got {self.fold}")
-        self.val_fraction = float(cfg.get("val_fraction", 0.1))
-        self.label_base = int(cfg.get("label_base", 1))
+        self.val_fraction = float(cfg["val_fraction"])
+        self.label_base = int(cfg["label_base"])
         self.rows = {s: self._read_split(root, s) for s in ("train", "test")}
 
-        self.rule = str(cfg.get("sources_rule") or "whole")
+        self.rule = str(cfg["sources_rule"])
         if self.rule == "whole":
             names = ["dfew"]
             self._source_of = {v: "dfew" for rows in self.rows.values() for v, _ in rows}
         elif self.rule == "hash":
-            k = int(cfg.get("num_sources") or 0)
+            k = int(cfg["num_sources"])
             if k < 1:
                 raise ValueError(f"sources_rule 'hash' needs data.num_sources >= 1, got {k}")
             names = [f"part{i}" for i in range(k)]
             ids = [v for rows in self.rows.values() for v, _ in rows]
             self._source_of = {v: names[hash_bucket(f"dfew:{v}", k)] for v in ids}
         elif self.rule == "csv":
-            self._source_of, names = self._read_source_csv(cfg.get("source_csv"))
+            self._source_of, names = self._read_source_csv(cfg["source_csv"])
         else:
             raise ValueError(f"unknown data.sources_rule {self.rule!r}; expected one of {RULES}")
-        self.names = select_sources(names, cfg.get("sources"))
+        self.names = select_sources(names, cfg["sources"])
 
     def _read_split(self, root: Path, split: str) -> list[tuple[str, int]]:
         base = root / "EmoLabel_DataSplit"

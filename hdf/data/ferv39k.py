@@ -99,7 +99,7 @@ class FERV39kSources(SourceSet):
             )
         setups = root / "4_setups" / "All_scenes"
         self.rows = {s: _read_setup(setups / f"{s}_All.csv") for s in ("train", "test")}
-        self.val_fraction = float(cfg.get("val_fraction", 0.1))
+        self.val_fraction = float(cfg["val_fraction"])
 
         present = {scene for rows in self.rows.values() for _, scene, _ in rows}
         extra = sorted(present - set(SCENES))
@@ -107,12 +107,12 @@ class FERV39kSources(SourceSet):
             log.warning("FERV39k split files name scene(s) outside the 22 known: %s", extra)
         scenes = [s for s in SCENES if s in present] + extra
 
-        self.mode = str(cfg.get("sources_by") or "scene")
+        self.mode = str(cfg["sources_by"])
         if self.mode == "scene":
             self._group = {s: s for s in scenes}
             names = scenes
         elif self.mode == "scenario":
-            groups = cfg.get("scenarios") or SCENARIOS
+            groups = cfg["scenarios"] or SCENARIOS
             self._group = {}
             for scenario, members in groups.items():
                 for scene in members:
@@ -131,7 +131,7 @@ class FERV39kSources(SourceSet):
             names = ["ferv39k"]
         else:
             raise ValueError(f"unknown data.sources_by {self.mode!r}; expected one of {MODES}")
-        self.names = select_sources(names, cfg.get("sources"))
+        self.names = select_sources(names, cfg["sources"])
 
     def source_names(self) -> list[str]:
         return list(self.names)

@@ -154,7 +154,7 @@ def select_sources(
 
 def clip_options(cfg: Mapping[str, Any]) -> dict[str, int]:
     """num_frames and size of a data config (the keys every real loader shares)."""
-    num_frames, size = int(cfg.get("num_frames", 16)), int(cfg.get("size", 112))
+    num_frames, size = int(cfg["num_frames"]), int(cfg["size"])
     if num_frames <= 0 or size <= 0:
         raise ValueError(f"data.num_frames and data.size must be > 0, got {num_frames}, {size}")
     return {"num_frames": num_frames, "size": size}

@@ -57,8 +57,8 @@ class ManifestSources(SourceSet):
         if not self.rows:
             raise ValueError(f"manifest {path} lists no clips")
         fractions = {
-            "val": float(cfg.get("val_fraction", 0.1)),
-            "test": float(cfg.get("test_fraction", 0.2)),
+            "val": float(cfg["val_fraction"]),
+            "test": float(cfg["test_fraction"]),
         }
         # Rows without a split get one per source, ranked by a hash of their path (no seed).
         self.splits: list[str] = [r[3] or "" for r in self.rows]
@@ -68,7 +68,7 @@ class ManifestSources(SourceSet):
             keys = [self.rows[i][4] for i in todo]
             for i, s in zip(todo, hash_split(keys, fractions, "manifest"), strict=True):
                 self.splits[i] = s
-        self.names = select_sources(names, cfg.get("sources"))
+        self.names = select_sources(names, cfg["sources"])
         self.path = path
 
     def source_names(self) -> list[str]:

@@ -51,7 +51,7 @@ class MultiSources(SourceSet):
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
-        entries = cfg.get("datasets")
+        entries = cfg["datasets"]
         if not entries:
             raise ValueError("data.datasets is empty; list the data configs to combine")
         if isinstance(entries, Mapping):
@@ -74,12 +74,12 @@ class MultiSources(SourceSet):
             sub = {k: cfg[k] for k in _INHERITED if k in cfg}
             sub.update({str(k): v for k, v in entry.items() if k != "alias"})
             self.parts[alias] = build_sources(sub)
-        self.one_per_dataset = bool(cfg.get("one_source_per_dataset", False))
+        self.one_per_dataset = bool(cfg["one_source_per_dataset"])
         if self.one_per_dataset:
             names = list(self.parts)
         else:
             names = [f"{a}/{s.name}" for a, srcs in self.parts.items() for s in srcs]
-        self.names = select_sources(names, cfg.get("sources"))
+        self.names = select_sources(names, cfg["sources"])
 
     @property
     def cheap_splits(self) -> bool:  # type: ignore[override]

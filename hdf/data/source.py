@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hdf.config.tree import group_node
 from hdf.registry import Registry
 
 SPLITS = ("train", "val", "test")
@@ -137,8 +138,9 @@ list_datasets = DATASETS.names
 
 
 def build_sources(cfg: Mapping[str, Any]) -> list[Source]:
-    """Ordered sources of a data config; the list position is each source's stable index."""
-    dataset = DATASETS.lookup(cfg["name"])(cfg)
+    """Ordered sources of a data config (checked against its dataset's schema, which fills in
+    the keys it leaves out); the list position is each source's stable index."""
+    dataset = DATASETS.lookup(cfg["name"])(group_node("data", cfg))
     return [Source(n, i, dataset) for i, n in enumerate(dataset.source_names())]
 
 

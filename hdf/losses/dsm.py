@@ -12,10 +12,14 @@ Gaussian weights act on cosine similarity and sit in the denominator over a != i
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hdf.config.schema import DSMConfig
 
 
 def weighted_supcon(
@@ -67,33 +71,24 @@ class DSMLoss(nn.Module):
     ``observe_grad_norm`` after each backward pass, so it costs no extra pass either way.
     """
 
-    def __init__(
-        self,
-        *,
-        supcon: bool = True,
-        ib: bool = True,
-        balance: bool = True,
-        alpha: float = 1.0,
-        beta: float = 0.5,
-        tau: float = 0.1,
-        eta: float = 0.2,
-        ib_weight: float = 0.01,
-        label_smoothing: float = 0.1,
-    ) -> None:
+    def __init__(self, settings: DSMConfig | None = None, **changes: Any) -> None:
+        """`settings` (the run's ``dsm`` section; default: the schema's defaults, i.e. the
+        default run's loss), with any field replaced by a keyword of the same name."""
         super().__init__()
-        if tau <= 0 or eta <= 0:
-            raise ValueError(f"dsm.tau and dsm.eta must be > 0, got tau={tau} eta={eta}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"dsm.label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.supcon = bool(supcon)
-        self.ib = bool(ib)
-        self.balance = bool(balance)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.tau = float(tau)
-        self.eta = float(eta)
-        self.ib_weight = float(ib_weight)
-        self.label_smoothing = float(label_smoothing)
+        s = replace(settings or DSMConfig(), **changes)
+        if s.tau <= 0 or s.eta <= 0:
+            raise ValueError(f"dsm.tau and dsm.eta must be > 0, got tau={s.tau} eta={s.eta}")
+        if not 0.0 <= s.label_smoothing < 1.0:
+            raise ValueError(f"dsm.label_smoothing must be in [0, 1), got {s.label_smoothing}")
+        self.supcon = bool(s.supcon)
+        self.ib = bool(s.ib)
+        self.balance = bool(s.balance)
+        self.alpha = float(s.alpha)
+        self.beta = float(s.beta)
+        self.tau = float(s.tau)
+        self.eta = float(s.eta)
+        self.ib_weight = float(s.ib_weight)
+        self.label_smoothing = float(s.label_smoothing)
         self.last_grad_norm: float | None = None
 
     def observe_grad_norm(self, grad_norm: float) -> None:

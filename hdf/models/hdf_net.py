@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hdf.config.schema import ModelConfig
 from hdf.models.registry import get_backbone_builder
 
-# model-config keys build_model reads itself; every other key goes to the backbone builder.
-_GENERIC_KEYS = {"backbone", "width", "norm", "dam", "weights", "dropout", "channels_last", "name"}
 # Normalisation layers: FedBN keeps them local, TENT (hdf/adapt.py) adapts their affine parameters.
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """`key` of a mapping-like config (dict, DictConfig) or attribute object, else `default`."""
-    if cfg is None:
-        return default
-    value = cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
-    return default if value is None and default is not None else value
 
 
 def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -240,58 +230,38 @@ def norm_state_keys(module: nn.Module, part: str = "all") -> list[str]:
     return keys
 
 
-def build_model(model_cfg: Any, num_frames: int, size: int, num_classes: int = 7) -> HDFNet:
-    """An HDFNet from the ``model`` config group (backbone, width, norm, dam, weights, ...).
-
-    Args:
-        model_cfg: mapping with ``backbone`` (registry name), ``width``, ``norm`` (batch | group),
-            ``dam`` ({enabled, temporal, frequency, stages}), ``weights`` (null or a local file),
-            ``dropout``, ``channels_last``; any other key is passed to the backbone builder.
-        num_frames: clip length T.
-        size: input height and width.
-        num_classes: number of classes of the head.
+def build_model(settings: ModelConfig, num_frames: int, size: int, num_classes: int = 7) -> HDFNet:
+    """An HDFNet from the run's typed ``model`` settings (`hdf.config.model_settings` makes them
+    from a mapping): the backbone's own keys go to its builder, DAM after the stages chosen.
 
     Reference: HDF (Cui et al., ACM MM 2025), ``docs/hdf_method.md`` §R3: DAM after each stage.
     """
-    name = cfg_get(model_cfg, "backbone")
-    if not name:
-        raise ValueError("model.backbone is not set; pick one, e.g. model=tiny3d")
-    builder = get_backbone_builder(str(name))
-    extra = {}
-    if isinstance(model_cfg, Mapping):
-        extra = {str(k): v for k, v in model_cfg.items() if k not in _GENERIC_KEYS}
+    builder = get_backbone_builder(settings.backbone)
     backbone = builder(
-        int(cfg_get(model_cfg, "width", 16)),
-        int(num_frames),
-        int(size),
-        norm=str(cfg_get(model_cfg, "norm", "batch")),
-        **extra,
+        settings.width, int(num_frames), int(size), norm=settings.norm, **settings.backbone_kwargs()
     )
-    dam_cfg = cfg_get(model_cfg, "dam", {})
-    enabled = bool(cfg_get(dam_cfg, "enabled", True))
-    stages = cfg_get(dam_cfg, "stages")
+    dam = settings.dam
     n_stages = len(backbone_stages(backbone))
-    if not enabled:
+    if not dam.enabled:
         dam_stages: list[bool] | None = [False] * n_stages
-    elif stages is None:
+    elif dam.stages is None:
         dam_stages = None
     else:
-        dam_stages = [bool(s) for s in stages]
+        dam_stages = [bool(s) for s in dam.stages]
     model = HDFNet(
         backbone,
         num_frames,
         size,
         num_classes,
         dam_stages=dam_stages,
-        dam_temporal=bool(cfg_get(dam_cfg, "temporal", True)),
-        dam_frequency=bool(cfg_get(dam_cfg, "frequency", True)),
-        dropout=float(cfg_get(model_cfg, "dropout", 0.0)),
-        channels_last=bool(cfg_get(model_cfg, "channels_last", False)),
-        backbone_name=str(name),
+        dam_temporal=dam.temporal,
+        dam_frequency=dam.frequency,
+        dropout=settings.dropout,
+        channels_last=settings.channels_last,
+        backbone_name=settings.backbone,
     )
-    weights = cfg_get(model_cfg, "weights")
-    if weights:
+    if settings.weights:
         from hdf.models.weights import load_weights
 
-        load_weights(model, weights)
+        load_weights(model, settings.weights)
     return model

@@ -33,7 +33,7 @@ class Tracker:
         import wandb
 
         self.run = wandb.init(
-            project=str(cfg.output.get("wandb_project", "hdf-fed")),
+            project=str(cfg.output.wandb_project),
             name=run.path.name,
             dir=str(run.path),
             mode=mode,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from hdf.config.tree import group_node
 from hdf.registry import Registry
 from server.strategy.base import SourceFedAvg
 from server.strategy.dro import DRO
@@ -24,18 +25,19 @@ list_strategies = STRATEGIES.names
 
 
 def build_strategy(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
-    """The strategy named by `cfg.name`; `common` holds the run's sources, sizes and seed."""
-    return STRATEGIES.lookup(cfg["name"])(cfg, **common)
+    """The strategy named by `cfg.name` (the `strategy` section, checked against its schema and
+    completed with its defaults); `common` holds the run's sources, sizes and seed."""
+    return STRATEGIES.lookup(cfg["name"])(group_node("strategy", cfg), **common)
 
 
 def _fedavg_kwargs(cfg: Mapping[str, Any], common: dict[str, Any]) -> dict[str, Any]:
     common = dict(common)
     common.pop("source_sizes", None)
     return {
-        "fraction_train": float(cfg.get("fraction_train", 1.0)),
-        "min_train_replies": int(cfg.get("min_train_replies", 1)),
-        "proximal_mu": float(cfg.get("proximal_mu", 0.0)),
-        "local_norm": str(cfg.get("local_norm", "none")),
+        "fraction_train": float(cfg["fraction_train"]),
+        "min_train_replies": int(cfg["min_train_replies"]),
+        "proximal_mu": float(cfg["proximal_mu"]),
+        "local_norm": str(cfg["local_norm"]),
         **common,
     }
 
@@ -47,7 +49,7 @@ def _fedavg(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
 
 @register_strategy("fedprox")
 def _fedprox(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
-    if float(cfg.get("proximal_mu", 0.0)) <= 0:
+    if float(cfg["proximal_mu"]) <= 0:
         raise ValueError("strategy=fedprox needs strategy.proximal_mu > 0")
     return SourceFedAvg(**_fedavg_kwargs(cfg, common))
 
@@ -55,30 +57,24 @@ def _fedprox(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
 @register_strategy("dro")
 def _dro(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
     d = cfg["dro"]
-    if float(d.get("server_lr", 1.0)) != 1.0:  # configs written before server_opt existed
-        raise ValueError(
-            f"strategy.dro.server_lr={d['server_lr']} is now server_opt.lr (with "
-            "server_opt.name=none the new model is old + lr * (mix - old), as before); it "
-            "applies to every strategy"
-        )
     settings = DROSettings(
         eta=float(d["eta"]),
         eps=float(d["eps"]),
         cap=float(d["cap"]),
         loss_clip=float(d["loss_clip"]),
-        tau=float(d.get("tau", 1.0)),
-        alpha=float(d.get("alpha", 0.5)),
-        max_step=float(d.get("max_step", 1.0)),
+        tau=float(d["tau"]),
+        alpha=float(d["alpha"]),
+        max_step=float(d["max_step"]),
     )
     return DRO(
         mode=str(d["mode"]),
         settings=settings,
-        prior=str(d.get("prior", "uniform")),
+        prior=str(d["prior"]),
         source_sizes=common.get("source_sizes"),
-        sample_by_lambda=d.get("sample_by_lambda"),
-        loss=str(d.get("loss", "plain")),
-        estimate=d.get("estimate"),
-        smoothing=float(d.get("smoothing") or 0.0),
+        sample_by_lambda=d["sample_by_lambda"],
+        loss=str(d["loss"]),
+        estimate=d["estimate"],
+        smoothing=float(d["smoothing"]),
         **_fedavg_kwargs(cfg, common),
     )
 
@@ -86,12 +82,12 @@ def _dro(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
 @register_strategy("qfedavg")
 def _qfedavg(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
     q = cfg["qfedavg"]
-    lipschitz = q.get("lipschitz")
+    lipschitz = q["lipschitz"]
     return QFedAvg(
         q=float(q["q"]),
         client_lr=float(q["client_lr"]),
         lipschitz=None if lipschitz is None else float(lipschitz),
-        weighted_by_examples=bool(q.get("weighted_by_examples", True)),
+        weighted_by_examples=bool(q["weighted_by_examples"]),
         **_fedavg_kwargs(cfg, common),
     )
 
@@ -101,7 +97,7 @@ def _feddg_ga(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
     g = cfg["feddg_ga"]
     return FedDGGA(
         step=float(g["step"]),
-        num_rounds=int(g.get("num_rounds") or 0),
+        num_rounds=int(g["num_rounds"]),
         **_fedavg_kwargs(cfg, common),
     )
 

@@ -19,20 +19,23 @@ from itertools import pairwise
 
 import numpy as np
 
+from hdf.config.schema import DROSettingsConfig
 from hdf.registry import Registry
+
+_D = DROSettingsConfig  # the schema holds the defaults (hdf/config/schema.py, strategy.dro)
 
 
 @dataclass(frozen=True)
 class DROSettings:
-    """Settings common to every mode (docs/design.md §4)."""
+    """Settings common to every mode (docs/design.md §4); meanings and defaults: the schema."""
 
-    eta: float = 1.0  # step size of the exponentiated-gradient / ascent update
-    eps: float = 0.1  # mixing toward the prior after each update
-    cap: float = 0.5  # no source weighs more than this
-    loss_clip: float = 10.0  # losses above this count as loss_clip
-    tau: float = 1.0  # KL-ball temperature
-    alpha: float = 0.5  # CVaR: share of sources counted as the worst
-    max_step: float = 1.0  # no weight moves more than this in one round (1: no bound)
+    eta: float = _D.eta
+    eps: float = _D.eps
+    cap: float = _D.cap
+    loss_clip: float = _D.loss_clip
+    tau: float = _D.tau
+    alpha: float = _D.alpha
+    max_step: float = _D.max_step
 
 
 # ---- projections ----------------------------------------------------------------------------

@@ -28,21 +28,15 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from hdf.config.schema import ServerOptConfig
 from server.arrays import array_view
 
 SERVER_OPTIMIZERS = ("none", "avgm", "adam", "yogi")
 
 
-@dataclass(frozen=True)
-class ServerOptSettings:
-    """The `server_opt` config group (see simulations/conf/config.yaml)."""
-
-    name: str = "none"
-    lr: float = 1.0
-    momentum: float = 0.9
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
+@dataclass
+class ServerOptSettings(ServerOptConfig):
+    """The `server_opt` section (keys and defaults: hdf/config/schema.py), values checked."""
 
     def __post_init__(self) -> None:
         if self.name not in SERVER_OPTIMIZERS:

@@ -71,7 +71,7 @@ class SyntheticSources(SourceSet):
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
-        names = cfg.get("sources") or list(DEFAULT_SOURCES)
+        names = cfg["sources"] or list(DEFAULT_SOURCES)
         unknown = [n for n in names if n not in PRESETS]
         if unknown:
             raise ValueError(
@@ -81,7 +81,7 @@ class SyntheticSources(SourceSet):
         if len(set(names)) != len(names):
             raise ValueError(f"data.sources lists a source twice: {list(names)}")
         self.names = [str(n) for n in names]
-        scale = float(cfg.get("scale", 1.0))
+        scale = float(cfg["scale"])
         if scale <= 0:
             raise ValueError(f"data.scale must be positive, got {scale}")
         self.scale = scale
@@ -95,8 +95,8 @@ class SyntheticSources(SourceSet):
         clips, labels = load_or_generate(
             PRESETS[name],
             split,
-            root=self.cfg.get("root") or ".cache/synthetic",
-            seed=int(self.cfg.get("seed", 0)),
+            root=self.cfg["root"],
+            seed=int(self.cfg["seed"]),
             num_frames=int(self.cfg["num_frames"]),
             size=int(self.cfg["size"]),
             scale=self.scale,

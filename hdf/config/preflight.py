@@ -47,8 +47,7 @@ def check_config(cfg: DictConfig) -> None:
         ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
         if not ok:
             raise ValueError(f"{key}={v!r}: must be a positive number ({what})")
-    adapt = list(OmegaConf.select(cfg, "server.heldout_adapt", default=None) or [])
-    norm = OmegaConf.select(cfg, "model.norm", default="batch")
+    adapt, norm = list(cfg.server.heldout_adapt), cfg.model.norm
     if "bn" in adapt and norm != "batch":
         raise ValueError(
             f"server.heldout_adapt={adapt} asks for AdaBN, but model.norm={norm} has no BatchNorm "
@@ -58,7 +57,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def _defaults() -> DictConfig:
     """The default config, for the example value in an error."""
-    from simulations.config import compose
+    from hdf.config import compose
 
     return compose([])
 
@@ -69,7 +68,7 @@ def check_data(cfg: DictConfig, *, every_split: bool = False) -> None:
     if every_split:  # the sweep sets data.heldout per run; the base config's does not apply
         needs = [(s, split) for s in sources for split in SPLITS]
     else:
-        train, heldout = split_sources(sources, list(cfg.data.heldout or []), cfg.data.get("train"))
+        train, heldout = split_sources(sources, list(cfg.data.heldout), cfg.data.train)
         needs = [(s, split) for s in train for split in ("train", "val")]
         needs += [(s, "test") for s in heldout]
     if not sources or not sources[0].dataset.cheap_splits:
