@@ -21,6 +21,7 @@ from client.optimizer_state import (
     save_optimizer_state,
 )
 from client.site import Site, get_site
+from client.wire import received, reply_records
 from hdf import contract as K
 from hdf.adapt import AdaptSettings, check_methods, evaluate_adapted
 from hdf.classes import NUM_CLASSES
@@ -78,7 +79,8 @@ def train(msg: Message, context: Context) -> Message:
             "the server should only send it evaluate messages"
         )
     cfg = site.cfg
-    site.model.load_state_dict(msg.content[K.ARRAYS].to_torch_state_dict())
+    got = received(msg.content)
+    site.model.load_state_dict(got.state)
     local_norm = local_norm_mode(config)
     if local_norm is not None:
         restore_local_norm(site.model, context)
@@ -143,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
             precision=str(cfg.precision),
         )
         metrics[K.LOCAL_VAL_LOSS] = float(local["loss"])
-    content = RecordDict({K.ARRAYS: ArrayRecord(site.model.state_dict()), K.METRICS: metrics})
+    content = RecordDict({**reply_records(site.model.state_dict(), got), K.METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
 
@@ -156,7 +158,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     the scores go back (keys `adapted-<method>-...`), never the adapted weights.
     """
     site, config = _site(msg, context)
-    site.model.load_state_dict(msg.content[K.ARRAYS].to_torch_state_dict())
+    site.model.load_state_dict(received(msg.content).state)
     if local_norm_mode(config) is not None and not site.heldout:
         restore_local_norm(site.model, context)
     split = "test" if site.heldout else str(config.get(K.SPLIT, "val"))

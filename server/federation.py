@@ -26,6 +26,7 @@ from hdf.device import seed_everything
 from hdf.evaluate import summarize
 from hdf.models import build_model
 from hdf.optim.schedule import round_lr
+from server.arrays import WireFormat
 from server.heldout import HeldoutEvaluator
 from server.identity import SourceBinding, load_registry
 from server.outputs import RunFolder, rng_state, set_rng_state
@@ -163,6 +164,10 @@ class Federation:
             if registry_file
             else None
         )
+        wire = WireFormat(  # checked before any node is asked anything
+            pack=bool(cfg.server.get("wire_pack", True)),
+            dtype=str(cfg.server.get("wire_dtype", "float32")),
+        )
         model = build_model(cfg.model, cfg.data.num_frames, cfg.data.size)
         self.arrays = ArrayRecord(model.state_dict())
         server_eval = str(cfg.server.heldout_eval) == "server"
@@ -198,6 +203,7 @@ class Federation:
                 buffers=[name for name, _ in model.named_buffers()],
             ),
             loss_tolerance=float(cfg.server.loss_tolerance),
+            wire=wire,
         )
         self._register(nodes, {**refused, **refused_claims}, [], server_round=0)
         missing = {s.name for s in self.train_sources} - {
