@@ -24,8 +24,11 @@ class OptimizerStateError(ValueError):
 
 
 def _unwrapped(fn: Any) -> Any:
-    """The function under torch's wrapper (the wrapped one itself if torch changes this)."""
-    return getattr(fn, "__wrapped__", fn)
+    """The function under torch's wrappers (dynamo's; the profiling hook torch sets on an
+    optimiser class once one is built), or `fn` itself if torch stops marking them."""
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
 
 
 class _Eager:
@@ -53,7 +56,8 @@ class _Eager:
         _unwrapped(torch.optim.Optimizer.load_state_dict)(self, state_dict)
 
     def step(self, closure: Any = None) -> Any:
-        base = next(c for c in type(self).__mro__[1:] if c is not _Eager and "step" in vars(c))
+        mro = type(self).__mro__
+        base = next(c for c in mro[mro.index(_Eager) + 1 :] if "step" in vars(c))
         with torch.no_grad():
             return _unwrapped(base.step)(self, closure)
 
