@@ -89,7 +89,6 @@ def model_bytes(overrides: list[str]) -> dict[str, int]:
 
 def run_simulation(overrides: list[str], out: Path) -> dict[str, Any]:
     env = {**os.environ, "WANDB_MODE": "disabled", "FLWR_HOME": str(out / "flwr-home")}
-    t0 = time.monotonic()
     r = subprocess.run(
         [sys.executable, "-m", "simulations.run", *overrides, f"output.root={out / 'runs'}"],
         capture_output=True,
@@ -97,40 +96,42 @@ def run_simulation(overrides: list[str], out: Path) -> dict[str, Any]:
         cwd=ROOT,
         env=env,
     )
-    wall = time.monotonic() - t0
     if r.returncode != 0:
         (out / "simulation.log").write_text(r.stdout + r.stderr)
         raise BenchError(f"simulation failed; output kept in {out / 'simulation.log'}")
     rows = _rows(Path(r.stdout.strip().splitlines()[-1]))
-    # the rounds after row 0's, as the deployment's window (with eval_in_train, row 0 costs 0)
-    secs = [float(x["seconds"]) for x in rows if x["round"] >= 1]
-    return {"round_s": sum(secs) / len(secs), "rounds": len(secs), "wall_s": wall}
+    # every round's training and evaluation (round 0's and the last one's included), as the
+    # deployment's window; start-up and node discovery are in no row
+    rounds = len(rows) - 1
+    return {"round_s": sum(float(x["seconds"]) for x in rows) / rounds, "rounds": rounds}
 
 
 # ---- what the deployed processes use ----------------------------------------------------------
-def _stat(pid: int) -> tuple[float, float] | None:
-    """(own CPU seconds, reaped children's CPU seconds) of a live process, or None."""
+def _stat(pid: int) -> tuple[int, float, float] | None:
+    """(parent pid, own CPU seconds, reaped children's CPU seconds) of a process, or None."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK
+    return int(fields[1]), (utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK
 
 
-def _kind(pid: int, host: str) -> tuple[str, str] | None:
-    """(kind of the process, kind of its reaped children) by its command line."""
+def _kind(pid: int, host: str, parent_children: str) -> tuple[str, str]:
+    """(kind of the process, kind of its reaped children) by its command line. A zombie has
+    none: it is what its parent starts (a finished ClientApp not yet reaped)."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
-        return None
-    app = "ServerApp" if host == "SuperLink" else "ClientApps"
+        cmd = ""
+    if not cmd:
+        return parent_children, parent_children
     if "flwr-serverapp" in cmd:
         return "ServerApp", "ServerApp"
     if "flwr-clientapp" in cmd:
         return "ClientApps", "ClientApps"
     if "flower-superexec" in cmd:  # its children are the apps it starts
-        return host, app
+        return host, "ServerApp" if host == "SuperLink" else "ClientApps"
     return host, host
 
 
@@ -140,12 +141,16 @@ def cpu_by_kind(trees: dict[int, str]) -> dict[str, float]:
 
     out = dict.fromkeys(KINDS, 0.0)
     for root, host in trees.items():
-        for pid in tree_pids(root):
-            stat, kind = _stat(pid), _kind(pid, host)
-            if stat is None or kind is None:
+        children: dict[int, str] = {}
+        for pid in tree_pids(root):  # parents come before their children
+            stat = _stat(pid)
+            if stat is None:
                 continue
-            out[kind[0]] += stat[0]
-            out[kind[1]] += stat[1]
+            ppid, own, reaped = stat
+            kind, child = _kind(pid, host, children.get(ppid, host))
+            children[pid] = child
+            out[kind] += own
+            out[child] += reaped
     return out
 
 
@@ -177,12 +182,34 @@ def requests_between(log: Path, t0: float, t1: float) -> int:
     return n
 
 
-def run_deployment(overrides: list[str], sources: list[str], out: Path) -> dict[str, Any]:
+class _Log:
+    """The SuperLink's log, read as it grows: counts the ServerApp's pushes of messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.pushes, self.tail = path, 0, 0, ""
+
+    def poll(self) -> int:
+        with open(self.path, errors="replace") as fh:
+            fh.seek(self.offset)
+            text = self.tail + fh.read()
+            self.offset = fh.tell()
+        lines = text.split("\n")
+        self.tail = lines.pop()
+        self.pushes += sum("/v1/runtime/push-messages" in x for x in lines)
+        return self.pushes
+
+
+def run_deployment(
+    overrides: list[str], sources: list[str], rounds: int, out: Path
+) -> dict[str, Any]:
+    """The deployed run, measured from the ServerApp's second push of messages (the first is
+    node discovery's query; the second starts round 1, or round 0's evaluation with two
+    exchanges a round) to the last row: every round's training and evaluation, no start-up."""
     from deploy.cluster import Cluster
 
     t0 = time.monotonic()
     run_dir = out / "deploy-run"
-    samples: list[dict[str, Any]] = []
+    start: dict[str, Any] | None = None
     # the sites read the clips the simulation generated (same seed, same clips)
     with Cluster(out / "cluster", sources, shared_data=out / "data") as c:
         c.start_superlink(env={"FLWR_LOG_LEVEL": "DEBUG"})
@@ -194,52 +221,38 @@ def run_deployment(overrides: list[str], sources: list[str], out: Path) -> dict[
         trees = {c.superlink.pid: "SuperLink"}
         trees.update({site.proc.pid: "SuperNodes" for site in c.sites.values() if site.proc})
         namespaces = [site.ns for site in c.sites.values()]
+
+        def sample() -> dict[str, Any]:
+            return {"t": time.time(), "cpu": cpu_by_kind(trees), "bytes": site_bytes(namespaces)}
+
+        log = _Log(out / "cluster" / "superlink.log")
         run_id = c.submit(" ".join(overrides), run_dir)
-        seen, deadline, next_status = 0, time.monotonic() + 3600, time.monotonic() + 30
-        while not (run_dir / "done").exists():
-            n = len(_rows(run_dir))
-            if n > seen:
-                samples.append(
-                    {
-                        "t": time.time(),
-                        "rows": n,
-                        "cpu": cpu_by_kind(trees),
-                        "bytes": site_bytes(namespaces),
-                    }
-                )
-                seen = n
-            if time.monotonic() > next_status:  # a crashed ServerApp writes no `done`
+        deadline, next_status = time.monotonic() + 3600, time.monotonic() + 30
+        while len(_rows(run_dir)) < rounds + 1:
+            if start is None and log.poll() >= 2:
+                start = sample()
+            if time.monotonic() > next_status:  # a crashed ServerApp writes no more rows
                 status = c.status(run_id)
-                if status.startswith("finished") and not (run_dir / "done").exists():
+                if status.startswith("finished") and len(_rows(run_dir)) < rounds + 1:
                     (out / "flwr-log.txt").write_text(c.log(run_id))
                     raise BenchError(f"deployed run {status}; logs kept in {out}")
                 next_status = time.monotonic() + 30
             if time.monotonic() > deadline:
                 raise BenchError(f"deployed run not done within an hour; logs kept in {out}")
-            time.sleep(0.5)
-        n = len(_rows(run_dir))
-        if n > seen:
-            samples.append(
-                {
-                    "t": time.time(),
-                    "rows": n,
-                    "cpu": cpu_by_kind(trees),
-                    "bytes": site_bytes(namespaces),
-                }
-            )
+            time.sleep(0.25)
+        last = sample()
+        c.wait_for(lambda: (run_dir / "done").exists(), 300, "the run's done marker")
         (out / "flwr-log.txt").write_text(c.log(run_id))
-    first, last = samples[0], samples[-1]
-    rounds = last["rows"] - first["rows"]
-    if rounds < 1:
-        raise BenchError(f"the deployed run wrote {last['rows']} rows at once; logs kept in {out}")
-    requests = requests_between(out / "cluster" / "superlink.log", first["t"], last["t"])
+    if start is None:
+        raise BenchError(f"no second push of messages in the SuperLink log; logs kept in {out}")
+    requests = requests_between(out / "cluster" / "superlink.log", start["t"], last["t"])
     return {
-        "round_s": (last["t"] - first["t"]) / rounds,
+        "round_s": (last["t"] - start["t"]) / rounds,
         "rounds": rounds,
         "startup_s": up,
         "superlink_requests_per_round": requests / rounds,
-        "bytes_per_round": (last["bytes"] - first["bytes"]) / rounds,
-        "cpu_s_per_round": {k: (last["cpu"][k] - first["cpu"][k]) / rounds for k in KINDS},
+        "bytes_per_round": (last["bytes"] - start["bytes"]) / rounds,
+        "cpu_s_per_round": {k: (last["cpu"][k] - start["cpu"][k]) / rounds for k in KINDS},
         "row_seconds": [round(float(r["seconds"]), 2) for r in _rows(run_dir)],
     }
 
@@ -264,7 +277,7 @@ def measure(sources: list[str], rounds: int, model: str, extra: list[str], out: 
     reason = why_no_netns()
     if reason:
         return {**res, "deployed": {"skipped": reason}}
-    dep = run_deployment(overrides, sources, out)
+    dep = run_deployment(overrides, sources, rounds, out)
     return {
         **res,
         "deployed_round_s": dep["round_s"],
