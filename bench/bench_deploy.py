@@ -268,6 +268,8 @@ def measure(sources: list[str], rounds: int, model: str, extra: list[str], out: 
         f"data.root={out / 'data'}",
         "+train.threads=1",
         *MODELS[model],
+        # DRO's cap (0.5 in deploy_tiny) needs at least 2 sources; one site takes all weight
+        *(["strategy.dro.cap=1.0"] if len(sources) == 1 else []),
         *extra,
     ]
     sim = run_simulation(overrides, out)
