@@ -146,5 +146,5 @@ def unpack_record(
                     f"delta for array {e.name!r} has shape {e.shape}, the model sent "
                     f"{ref.dtype} {ref.shape}"
                 )
-            values[e.name] = ref + values[e.name]
+            values[e.name] = np.asarray(ref + values[e.name])  # 0-d: a scalar otherwise
     return ArrayRecord({k: Array(v) for k, v in values.items()})

@@ -25,6 +25,7 @@ def _global() -> dict[str, np.ndarray]:
         "w": rng.standard_normal((8, 5)).astype(np.float32),
         "bn.running_var": rng.uniform(0.5, 2.0, 5).astype(np.float32),
         "bn.num_batches_tracked": np.array(12, np.int64),
+        "dam.gate": np.array(0.75, np.float32),  # a 0-d float parameter (DAM's fusion weights)
     }
 
 
