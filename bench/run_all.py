@@ -5,9 +5,10 @@
     python -m bench.run_all --quick              # smaller sizes, for a smoke check
 
 Top-level keys of results.json: federation_overhead, aggregation, train_step, scale,
-synthetic_data, gpu; each holds its figures and, where there is one, the headline ratio under
-``ratio``. This machine is shared and noisy, so every figure is a ratio of variants measured in the
-same run, interleaved where they run in one process (absolute seconds are given for context only).
+synthetic_data, gpu, deployment; each holds its figures and, where there is one, the headline
+ratio under ``ratio``. This machine is shared and noisy, so every figure is a ratio of variants
+measured in the same run, interleaved where they run in one process (absolute seconds are given
+for context only).
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ from deploy.flower_env import FLOWER_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
-NAMES = ("federation_overhead", "aggregation", "train_step", "scale", "synthetic_data", "gpu")
+NAMES = (
+    "federation_overhead",
+    "aggregation",
+    "train_step",
+    "scale",
+    "synthetic_data",
+    "gpu",
+    "deployment",
+)
 GIB = 2**30
 
 ENV = {**FLOWER_ENV, "WANDB_MODE": "disabled"}
@@ -354,6 +363,41 @@ def gpu(quick: bool, tmp: Path) -> dict[str, Any]:
     return _last_json(res["stdout"])
 
 
+# ---- 7. deployment ----------------------------------------------------------------------------
+DEPLOYMENT_KEYS = (
+    "sites",
+    "deployed_round_s",
+    "simulated_round_s",
+    "overhead_s",
+    "superlink_requests_per_round",
+    "bytes_per_round",
+    "cpu_s_per_round",
+)
+
+
+def deployment(quick: bool, tmp: Path) -> dict[str, Any]:
+    """A deployed round (3 sites in network namespaces, TLS) against a simulated one
+    (bench/bench_deploy.py): deploy_tiny with 3 sites (and 1 alone, under `one_site`), and the
+    same for an r3d_18-size model with fewer rounds."""
+    out: dict[str, Any] = {}
+    for model, rounds, sites in (("tiny", 1 if quick else 3, "3,1"), ("r3d_18", 1, "3")):
+        cmd = [sys.executable, "-m", "bench.bench_deploy", "--model", model]
+        res = _last_json(_run([*cmd, "--rounds", str(rounds), "--sites", sites])["stdout"])
+        three = res["sites_3"]
+        if "deployed" in three:  # skipped: no network namespaces here
+            return {"skipped": three["deployed"]["skipped"]}
+        entry = {k: three[k] for k in DEPLOYMENT_KEYS}
+        entry.update(rounds=three["rounds"], model_bytes_fp32=res["model_bytes_fp32"])
+        entry.update(uptime_start=res["uptime_start"], uptime_end=res["uptime_end"])
+        if "sites_1" in res:
+            entry["one_site"] = {k: res["sites_1"][k] for k in DEPLOYMENT_KEYS}
+        if model == "tiny":
+            out.update(entry)
+        else:
+            out["r3d_18"] = entry
+    return out
+
+
 BENCHES = {
     "federation_overhead": federation_overhead,
     "aggregation": aggregation,
@@ -361,6 +405,7 @@ BENCHES = {
     "scale": scale,
     "synthetic_data": synthetic_data,
     "gpu": gpu,
+    "deployment": deployment,
 }
 
 

@@ -21,6 +21,7 @@ from client.optimizer_state import (
     save_optimizer_state,
 )
 from client.site import Site, get_site
+from client.wire import received, reply_records
 from hdf import contract as K
 from hdf.adapt import check_methods, evaluate_adapted
 from hdf.classes import NUM_CLASSES
@@ -70,7 +71,12 @@ def save_local_norm(model: torch.nn.Module, context: Context, part: str = "all")
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Score the received model on a fixed training sample, train locally, send the update."""
+    """Score the received model on a fixed training sample, train locally, send the update.
+
+    With `score-first` the site first scores the received model on its validation split, as
+    an evaluate message would, and replies those scores as `eval-metrics` too: the round's
+    training and the evaluation of the model it starts from take one exchange.
+    """
     site, config = _site(msg, context)
     if site.heldout:
         raise RuntimeError(
@@ -78,10 +84,12 @@ def train(msg: Message, context: Context) -> Message:
             "the server should only send it evaluate messages"
         )
     cfg = site.cfg
-    site.model.load_state_dict(msg.content[K.ARRAYS].to_torch_state_dict())
+    got = received(msg.content)
+    site.model.load_state_dict(got.state)
     local_norm = local_norm_mode(config)
     if local_norm is not None:
         restore_local_norm(site.model, context)
+    scored = split_scores(site) if int(config.get(K.SCORE_FIRST, 0)) == 1 else None
     data = site.source.split("train")
     loss_before = loss_on_sample(
         site.model,
@@ -143,8 +151,28 @@ def train(msg: Message, context: Context) -> Message:
             precision=str(cfg.precision),
         )
         metrics[K.LOCAL_VAL_LOSS] = float(local["loss"])
-    content = RecordDict({K.ARRAYS: ArrayRecord(site.model.state_dict()), K.METRICS: metrics})
+    content = RecordDict({**reply_records(site.model.state_dict(), got), K.METRICS: metrics})
+    if scored is not None:
+        content[K.EVAL_METRICS] = MetricRecord(scored)
     return Message(content=content, reply_to=msg)
+
+
+def split_scores(site: Site, split: str = "val") -> dict[str, int | float]:
+    """The evaluate reply's metrics of the model as it is now, on `split` of this site."""
+    cfg = site.cfg
+    stats = evaluate_model(
+        site.model,
+        site.source.split(split),
+        site.device,
+        batch_size=int(cfg.eval.batch_size),
+        precision=str(cfg.precision),
+    )
+    return {
+        K.NUM_EXAMPLES: int(stats["num_examples"]),
+        K.SOURCE_INDEX: site.source.index,
+        **score_metrics(stats),
+        K.LOSS_BALANCED: float(stats["loss_balanced"]),
+    }
 
 
 @app.evaluate()
@@ -156,22 +184,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     the scores go back (keys `adapted-<method>-...`), never the adapted weights.
     """
     site, config = _site(msg, context)
-    site.model.load_state_dict(msg.content[K.ARRAYS].to_torch_state_dict())
+    site.model.load_state_dict(received(msg.content).state)
     if local_norm_mode(config) is not None and not site.heldout:
         restore_local_norm(site.model, context)
     split = "test" if site.heldout else str(config.get(K.SPLIT, "val"))
+    metrics = split_scores(site, split)
     data = site.source.split(split)
     cfg = site.cfg
     batch_size, precision = int(cfg.eval.batch_size), str(cfg.precision)
-    stats = evaluate_model(
-        site.model, data, site.device, batch_size=batch_size, precision=precision
-    )
-    metrics: dict[str, int | float] = {
-        K.NUM_EXAMPLES: int(stats["num_examples"]),
-        K.SOURCE_INDEX: site.source.index,
-        **score_metrics(stats),
-        K.LOSS_BALANCED: float(stats["loss_balanced"]),
-    }
     if site.heldout:
         for method in check_methods(site.settings.server.heldout_adapt):
             adapted = evaluate_adapted(

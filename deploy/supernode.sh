@@ -46,6 +46,11 @@ KEY="$(realpath "$KEY")" CA="$(realpath "$CA")" DATA_ROOT="$(realpath "$DATA_ROO
 export FLWR_HOME="${FLWR_HOME:-$STATE/flwr-home}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED="${FLWR_TELEMETRY_ENABLED:-0}"
 export FLWR_DISABLE_UPDATE_CHECK="${FLWR_DISABLE_UPDATE_CHECK:-1}" WANDB_MODE="${WANDB_MODE:-disabled}"
+# The SuperExec beside this process polls for a ClientApp task to start every
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower 1.42 default 1.0, read in
+# flwr/supercore/superexec/run_superexec.py); a message waits up to that long before its
+# process starts, so poll 10x a second (a local request each, negligible CPU).
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
 # node-config values are TOML: strings must be quoted.
 exec flower-supernode \
   --superlink "$SUPERLINK" \

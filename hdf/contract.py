@@ -8,6 +8,18 @@ kebab-case, as in Flower. MetricRecord values are numbers only: sources travel a
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
+EVAL_METRICS = "eval-metrics"  # train reply: evaluate's metrics of the received model (SCORE_FIRST)
+LAYOUT = "layout"  # ConfigRecord: how the one array of a packed ARRAYS record splits (hdf.packing)
+
+# A packed model (both directions, hdf/packing.py): ARRAYS holds one uint8 Array PACKED, LAYOUT
+# the per-array lists below (ConfigRecords hold flat lists: shapes are DIMS split by NDIMS).
+PACKED = "packed"
+LAYOUT_NAMES = "names"
+LAYOUT_DTYPES = "dtypes"  # numpy dtype of each array ("float32", "int64", ...)
+LAYOUT_WIRE = "wire"  # how each travels: its dtype, or "bfloat16" / "float16" for float32
+LAYOUT_NDIMS = "ndims"
+LAYOUT_DIMS = "dims"
+LAYOUT_DELTA = "delta"  # 1: float arrays are (trained - received), as 16-bit replies send them
 
 # Server -> client config keys.
 SERVER_ROUND = "server-round"
@@ -17,6 +29,8 @@ LR = "lr"
 PROXIMAL_MU = "proximal-mu"
 SPLIT = "split"  # evaluate: which split of the source to score ("val" or "test")
 LOCAL_VAL = "local-val"  # train: 1 asks the client to score its trained model on its val split
+SCORE_FIRST = "score-first"  # train: 1 asks the client to first score the received model on
+# its val split and reply those scores (evaluate's keys) as EVAL_METRICS (one exchange a round)
 
 # Client -> server metric keys.
 NUM_EXAMPLES = "num-examples"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -31,6 +31,8 @@ from hdf.runfolder.folder import RunFolder, rng_state, set_rng_state
 from hdf.runfolder.report import format_row
 from hdf.runfolder.selection import BestModel
 from hdf.runfolder.tracking import Tracker
+from server.arrays import WireFormat
+from server.exchange import send_and_receive
 from server.heldout import HeldoutEvaluator
 from server.identity import SourceBinding, load_registry
 from server.strategy import ServerOptimizer, ServerOptSettings, SourceFedAvg, build_strategy
@@ -166,6 +168,9 @@ class Federation:
             if registry_file
             else None
         )
+        wire = WireFormat(  # checked before any node is asked anything
+            pack=bool(cfg.server.wire_pack), dtype=str(cfg.server.wire_dtype)
+        )
         model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
         self.arrays = ArrayRecord(model.state_dict())
         server_eval = str(cfg.server.heldout_eval) == "server"
@@ -201,6 +206,7 @@ class Federation:
                 buffers=[name for name, _ in model.named_buffers()],
             ),
             loss_tolerance=float(cfg.server.loss_tolerance),
+            wire=wire,
         )
         self._register(nodes, {**refused, **refused_claims}, [], server_round=0)
         missing = {s.name for s in self.train_sources} - {
@@ -230,6 +236,8 @@ class Federation:
         self.tracker = Tracker(cfg, run)
         self.best = BestModel(run.path, self.cfg_yaml)
         self.start_round = 1
+        # a round's row waiting for the evaluation of its model (`server.eval_in_train`)
+        self.pending: dict[str, Any] | None = None
 
     def _bind(self, claims: Claims) -> tuple[Claims, dict[int, str], list[int]]:
         """(accepted claims, node -> why refused, nodes whose source went to a new node).
@@ -300,21 +308,38 @@ class Federation:
         )
 
     # ---- one round ---------------------------------------------------------------------------
+    def exchange(self, msgs: list[Message]) -> list[Message]:
+        """Send `msgs` and collect the replies of one round (`server.exchange`)."""
+        return send_and_receive(
+            self.grid,
+            msgs,
+            float(self.cfg.server.round_timeout_s),
+            float(self.cfg.server.reply_poll_s),
+        )
+
+    def start_scoring(self) -> Future | None:
+        """Score the held-out sources on the server (in a thread) while the sites work."""
+        if self.heldout_eval is None:
+            return None
+        return self._pool.submit(self.heldout_eval.score, self.arrays)
+
     def evaluate(self, server_round: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(per training source val metrics, per held-out source test metrics).
+        """(per training source val metrics, per held-out source test metrics) of the current
+        model, from an evaluate exchange of its own.
 
         The server scores its held-out sources in a thread while the clients evaluate, so the
         round waits for the slower of the two instead of their sum.
         """
-        scoring = (
-            self._pool.submit(self.heldout_eval.score, self.arrays)
-            if self.heldout_eval is not None
-            else None
+        scoring = self.start_scoring()
+        msgs = list(
+            self.strategy.configure_evaluate(server_round, self.arrays, self.eval_config, self.grid)
         )
-        msgs = self.strategy.configure_evaluate(
-            server_round, self.arrays, self.eval_config, self.grid
-        )
-        replies = self.grid.send_and_receive(msgs, timeout=float(self.cfg.server.round_timeout_s))
+        return self.scores(server_round, self.exchange(msgs), scoring)
+
+    def scores(
+        self, server_round: int, replies: list[Message], scoring: Future | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The rows of a round's evaluate replies and the server's own held-out scores."""
         self.strategy.aggregate_evaluate(server_round, replies)
         train, held, self.heldout_adapted = eval_rows(
             self.strategy.eval_by_source,
@@ -335,6 +360,11 @@ class Federation:
         return {"heldout_adapted": self.heldout_adapted} if self.heldout_adapted else {}
 
     def round(self, server_round: int) -> dict[str, Any]:
+        """Train once. With a pending evaluation (`server.eval_in_train`, the previous round's
+        model, which is the one this round sends) the same exchange carries it: training sites
+        score the received model first (`score-first`), other sites get evaluate messages, and
+        the previous round's row is finished before this round's update is mixed. Returns this
+        round's row, pending its evaluation when it will come in the next exchange."""
         t0 = time.monotonic()
         # sites that (re)joined since the last round get new node ids: ask them who they are
         known = {r["node"] for r in self.strategy.rejected if r["kind"] == "query"}
@@ -349,18 +379,23 @@ class Federation:
         nodes, refused_claims, replaced = self._bind(claims)
         self._register(nodes, {**refused, **refused_claims}, replaced, server_round)
         self.train_config[K.LR] = lr_of_round(self.cfg, server_round)
-        msgs = self.strategy.configure_train(
-            server_round, self.arrays, self.train_config, self.grid
+        msgs = list(
+            self.strategy.configure_train(server_round, self.arrays, self.train_config, self.grid)
         )
-        replies = list(
-            self.grid.send_and_receive(msgs, timeout=float(self.cfg.server.round_timeout_s))
-        )
-        new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
+        folded = self._fold_evaluation(msgs) if self.pending is not None else None
+        if self.pending is not None and folded is None:  # not foldable: evaluate on its own
+            self.finish(self.pending, *self.evaluate(self.pending["round"]))
+        sent = msgs + (folded[0] if folded else [])
+        replies = self.exchange(sent)
+        train_replies = [m for m in replies if m.metadata.message_type == MessageType.TRAIN]
+        if folded is not None and self.pending is not None:
+            evals = [m for m in replies if m.metadata.message_type == MessageType.EVALUATE]
+            evals += [evaluation_of(m) for m in train_replies]
+            self.finish(self.pending, *self.scores(self.pending["round"], evals, folded[1]))
+        new_arrays, _ = self.strategy.aggregate_train(server_round, train_replies)
         kept = new_arrays is None
         if not kept:
             self.arrays = new_arrays
-        train, held = self.evaluate(server_round)
-        lam = self.strategy.weights_by_source()
         reports = {
             self.names[src]: {
                 "loss_before": r[K.LOSS_BEFORE],
@@ -372,31 +407,58 @@ class Federation:
         }
         return {
             "round": server_round,
-            "lambda": {self.names[s]: w for s, w in lam.items()},
-            "train": train,
-            "heldout": held,
-            **self.adapted_entry(),
             "clients": reports,
-            "sent": len(list(msgs)),
-            "replied": len(replies),
-            **self._refusals(server_round),
+            "sent": len(msgs),
+            "replied": len(train_replies),
             "kept_previous_model": kept,
             "seconds": time.monotonic() - t0,
         }
 
-    def initial_row(self) -> dict[str, Any]:
-        t0 = time.monotonic()
-        train, held = self.evaluate(0)
-        lam = self.strategy.weights_by_source()
-        return {
-            "round": 0,
-            "lambda": {self.names[s]: w for s, w in lam.items()},
-            "train": train,
-            "heldout": held,
+    def _fold_evaluation(self, train_msgs: list[Message]) -> tuple[list[Message], Any] | None:
+        """(evaluate messages for the sites that do not train, the server's held-out scoring)
+        for the pending evaluation of the current model, with `score-first` set on the train
+        messages; None when some training site would not be evaluated (then it runs apart)."""
+        evals = list(
+            self.strategy.configure_evaluate(
+                self.pending["round"], self.arrays, self.eval_config, self.grid
+            )
+        )
+        trainers = {m.metadata.dst_node_id for m in train_msgs}
+        if not trainers <= {m.metadata.dst_node_id for m in evals}:
+            return None
+        for m in train_msgs:
+            m.content[K.CONFIG][K.SCORE_FIRST] = 1
+        rest = [m for m in evals if m.metadata.dst_node_id not in trainers]
+        return rest, self.start_scoring()
+
+    def finish(self, row: dict[str, Any], train: dict[str, Any], held: dict[str, Any]) -> None:
+        """Complete a round's row with its evaluation and write it (metrics.jsonl, tracker,
+        console), checkpoint that round and offer its model to best.pt. The keys and their
+        order are the same whether the evaluation came apart or folded into the next round."""
+        r = int(row["round"])
+        # after the evaluation: FedDG-GA moves its weights there; DRO and FedAvg only in training
+        lam = {self.names[s]: w for s, w in self.strategy.weights_by_source().items()}
+        head = {"round": r, "lambda": lam, "train": train, "heldout": held}
+        tail = {k: row[k] for k in ("clients", "sent", "replied") if k in row}
+        kept = {k: row[k] for k in ("kept_previous_model",) if k in row}
+        done = {
+            **head,
             **self.adapted_entry(),
-            **self._refusals(0),
-            "seconds": time.monotonic() - t0,
+            **tail,
+            **self._refusals(r),
+            **kept,
+            "seconds": row["seconds"],
         }
+        self.pending = None
+        self.run.append_metrics(done)
+        self.tracker.log(done)
+        self.show(done)
+        self.checkpoint(r)
+        self.best.offer(done, self.arrays.to_torch_state_dict)
+
+    def initial_row(self) -> dict[str, Any]:
+        """Round 0: the initial model, evaluated now or (folded) in round 1's exchange."""
+        return {"round": 0, "seconds": 0.0}
 
     def _refusals(self, server_round: int) -> dict[str, list[dict[str, Any]]]:
         """The round's rejected replies and flagged numbers, as metrics.jsonl logs them."""
@@ -410,24 +472,43 @@ class Federation:
 
     # ---- the whole run -----------------------------------------------------------------------
     def run_all(self) -> list[dict[str, Any]]:
+        fold = bool(self.cfg.server.eval_in_train)
         if not self.restore():
-            row = self.initial_row()
-            self.run.append_metrics(row)
-            self.tracker.log(row)
-            self.show(row)
-            self.checkpoint(0)
-            self.best.offer(row, self.arrays.to_torch_state_dict)
+            self.pending = self.initial_row()
+            if not fold:
+                t0 = time.monotonic()
+                train, held = self.evaluate(0)
+                self.pending["seconds"] = time.monotonic() - t0
+                self.finish(self.pending, train, held)
         for r in range(self.start_round, int(self.cfg.rounds) + 1):
             row = self.round(r)
-            self.run.append_metrics(row)
-            self.tracker.log(row)
-            self.show(row)
-            self.checkpoint(r)
-            self.best.offer(row, self.arrays.to_torch_state_dict)
+            if fold:
+                self.pending = row
+            else:
+                t0 = time.monotonic()
+                train, held = self.evaluate(r)
+                row["seconds"] += time.monotonic() - t0
+                self.finish(row, train, held)
+        if self.pending is not None:  # the last model's evaluation: one exchange of its own
+            t0 = time.monotonic()
+            train, held = self.evaluate(self.pending["round"])
+            self.pending["seconds"] += time.monotonic() - t0
+            self.finish(self.pending, train, held)
         self._pool.shutdown()
         self.tracker.finish()
         self.run.mark_done()
         return self.run.read_metrics()
+
+
+def evaluation_of(reply: Message) -> Message:
+    """A train reply's scores of the model it received (`eval-metrics`, asked with
+    `score-first`) as the evaluate reply of that node: its metrics, its error, or nothing (then
+    validation refuses it as any evaluate reply without metrics)."""
+    if reply.has_error():
+        return Message(error=reply.error, metadata=reply.metadata)
+    records = reply.content.metric_records
+    content = RecordDict({K.METRICS: records[K.EVAL_METRICS]} if K.EVAL_METRICS in records else {})
+    return Message(content=content, metadata=reply.metadata)
 
 
 def run_federation(grid: Grid, cfg: DictConfig, run: RunFolder) -> list[dict[str, Any]]:

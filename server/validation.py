@@ -22,7 +22,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from hdf import contract as K
 from hdf.classes import NUM_CLASSES
-from server.arrays import BLOCK, array_view
+from hdf.packing import PackingError
+from server.arrays import BLOCK, array_view, unpack_record
 
 # No honest cross-entropy comes near this (uniform guessing over 7 classes is 1.95; a confidently
 # wrong float32 model stays in the tens): a larger loss is a lie or an overflow, not a measurement.
@@ -125,6 +126,23 @@ def _metrics(msg: Message) -> tuple[MetricRecord | None, str | None]:
     if K.METRICS not in msg.content.metric_records:
         return None, f"no MetricRecord {K.METRICS!r} in the reply"
     return msg.content[K.METRICS], None
+
+
+def unpack_reply(msg: Message, sent: ArrayRecord | None) -> str | None:
+    """Unpack a packed train reply's arrays in place (`server.arrays.unpack_record`; `sent`:
+    the model that node was sent), so every later check reads plain arrays; or why its packed
+    arrays cannot be read (a layout that disagrees with its buffer, an unknown dtype, a buffer
+    larger than the model sent). Unpacked and error replies pass unchanged."""
+    content = None if msg.has_error() else msg.content
+    if content is None or K.LAYOUT not in content.config_records:
+        return None
+    if K.ARRAYS not in content.array_records:
+        return f"a {K.LAYOUT!r} record but no ArrayRecord {K.ARRAYS!r} in the reply"
+    try:
+        content[K.ARRAYS] = unpack_record(content[K.ARRAYS], content[K.LAYOUT], sent)
+    except (PackingError, ValueError, TypeError) as err:
+        return f"malformed packed arrays: {err}"
+    return None
 
 
 def _source_problem(msg: Message, src: int, node_source: dict[int, int]) -> str | None:

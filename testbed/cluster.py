@@ -228,7 +228,8 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def start_superlink(self) -> Proc:
+    def start_superlink(self, env: dict[str, str] | None = None) -> Proc:
+        """Start the SuperLink (`env`: extra environment, e.g. FLWR_LOG_LEVEL for a benchmark)."""
         state = self.workdir / "superlink-state"
         proc = self._spawn(
             "superlink",
@@ -245,7 +246,7 @@ class Cluster:
                 "--state",
                 str(state),
             ],
-            {"FLWR_HOME": str(state / "flwr-home")},
+            {"FLWR_HOME": str(state / "flwr-home"), **(env or {})},
         )
         self.superlink = proc
         self.wait_for(

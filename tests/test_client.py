@@ -136,16 +136,16 @@ def test_heldout_site_sends_adapted_scores_and_nothing_else(cfg) -> None:
 def test_the_runs_weight_decay_reaches_the_clients_optimizer(cfg, monkeypatch) -> None:
     """Regularisation for DRO runs (issue 14): `train.weight_decay` set on the run is what every
     client's AdamW uses (the run config travels in each train message)."""
-    import torch
+    from hdf.optim import base
 
     used = []
 
-    class Recording(torch.optim.AdamW):
+    class Recording(base.EagerAdamW):
         def __init__(self, params, **kw):
             used.append(kw["weight_decay"])
             super().__init__(params, **kw)
 
-    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    monkeypatch.setattr(base, "EagerAdamW", Recording)
     run = compose(["experiment=tiny", f"data.root={cfg.data.root}", "train.weight_decay=0.37"])
     msg, _ = _message(run, MessageType.TRAIN)
     app(msg, _context({"partition-id": 0, "num-partitions": 2}))

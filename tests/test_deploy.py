@@ -407,7 +407,10 @@ def test_lost_site_round_finishes_and_site_rejoins(fed: cl.Cluster, tmp_path: Pa
     # beforehand; its old node id stays silent until the SuperLink declares it offline (~45 s),
     # which leaves the new SuperNode time to connect before round 3 starts.
     fed.new_key(lost, f"{lost}-reinstalled")
-    run_id = fed.submit(f"{OVERRIDES} rounds=3 server.round_timeout_s={timeout_s}", run_dir)
+    # Two exchanges a round: the kill below is timed by rows, and with one exchange a round a
+    # row is written one exchange later (its evaluation comes with the next round's training).
+    extra = "server.eval_in_train=false"
+    run_id = fed.submit(f"{OVERRIDES} rounds=3 server.round_timeout_s={timeout_s} {extra}", run_dir)
     fed.wait_for(lambda: len(_rows(run_dir)) >= 2, 600, "round 1 done")  # rows 0 and 1
     time.sleep(1.0)  # round 2's train messages are out
     fed.stop_site(lost)  # SIGKILL to the SuperNode, its SuperExec and its ClientApp

@@ -44,6 +44,11 @@ def test_simulation_writes_the_run_folder_contract(tmp_path) -> None:
         assert set(r["heldout"]) == {"phone"}
         assert {"uar", "war"} <= set(r["heldout"]["phone"])
     assert rows[-1]["replied"] == 3 and rows[-1]["rejected"] == []
+    # the same keys, in the same order, with one exchange a round (the default) as with two
+    first = ["round", "lambda", "train", "heldout", "heldout_adapted", "rejected", "flagged"]
+    assert list(rows[0]) == [*first, "seconds"]
+    rest = ["clients", "sent", "replied", "rejected", "flagged", "kept_previous_model", "seconds"]
+    assert all(list(r) == [*first[:5], *rest] for r in rows[1:])
     for name in ("config.yaml", "checkpoint.pt", "report.md", "lambda.png", "done", "best.pt"):
         assert (run.path / name).exists(), name
     best = json.loads((run.path / "best.json").read_text())
@@ -52,6 +57,46 @@ def test_simulation_writes_the_run_folder_contract(tmp_path) -> None:
     ckpt, _ = read_checkpoint(run.path)
     assert ckpt["round"] == 2
     assert set(ckpt["strategy"]["lambda"]) == {0, 1, 2}  # keyed by source index
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("deterministic=true",),
+        ("deterministic=true", "strategy=feddg_ga"),
+        ("deterministic=true", "strategy=drfa", "strategy.fraction_train=0.34"),
+    ],
+)
+def test_one_exchange_per_round_gives_the_same_rows_and_model(tmp_path, monkeypatch, extra):
+    """server.eval_in_train folds each round's evaluation into the next round's exchange:
+    3 exchanges for 2 rounds instead of 5, and the same numbers (FedDG-GA moves its weights on
+    the evaluation; DRFA trains one sampled source a round and moves lambda on every source's
+    validation loss: the two others get evaluate messages in the training exchange)."""
+    from server.federation import Federation
+
+    exchange = Federation.exchange
+    counts: list[int] = []
+
+    def counted(self, msgs):
+        counts.append(len(msgs))
+        return exchange(self, msgs)
+
+    monkeypatch.setattr(Federation, "exchange", counted)
+    rows, models = {}, {}
+    for fold in (True, False):
+        cfg = _cfg(tmp_path, *extra, f"server.eval_in_train={fold}", f"name=fold{fold}")
+        run = open_run(cfg)
+        simulate(cfg, run)
+        rows[fold] = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+        models[fold] = read_checkpoint(run.path)[0]["model"]
+        for r in rows[fold]:
+            r.pop("seconds")
+    trained = 1 if "strategy=drfa" in extra else 3
+    assert counts == [3, 3, 3, 3, trained, 3, trained, 3]  # folded, then apart
+    assert rows[True] == rows[False]
+    for k in models[True]:
+        assert torch.equal(models[True][k], models[False][k]), k
 
 
 class Killed(RuntimeError):

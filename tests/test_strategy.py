@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from client.wire import received
 from hdf import contract as K
 from hdf.config import CONF_DIR as CONF
 from hdf.config import compose
@@ -542,12 +543,17 @@ def test_fedbn_preset_keeps_every_norm_layer_local() -> None:
     assert s.local_norm == "all"
 
 
+def _sent_w(msg: Message) -> np.ndarray:
+    """The array "w" a message carries, as the ClientApp reads it (packed by default)."""
+    return received(msg.content).state["w"].numpy()
+
+
 def test_local_only_keeps_one_model_per_source() -> None:
     """Each node gets its own source's model; the global model is the uniform soup."""
     s = _strategy(LocalOnly)
     grid = FakeGrid([10, 11, 12])
     first = list(s.configure_train(1, arrays_record(GLOBAL), ConfigRecord({}), grid))
-    assert all(np.all(m.content[K.ARRAYS]["w"].numpy() == 0) for m in first)
+    assert all(np.all(_sent_w(m) == 0) for m in first)
     replies = [
         train_reply(10 + i, _arrays(float(i + 1)), source=i, num_examples=10 * (i + 1))
         for i in range(3)
@@ -556,13 +562,13 @@ def test_local_only_keeps_one_model_per_source() -> None:
     np.testing.assert_allclose(soup["w"].numpy(), np.full((2, 2), 2.0))  # (1 + 2 + 3) / 3
     sent = {m.metadata.dst_node_id: m for m in s.configure_train(2, soup, ConfigRecord({}), grid)}
     for i in range(3):
-        np.testing.assert_allclose(sent[10 + i].content[K.ARRAYS]["w"].numpy(), i + 1.0)
+        np.testing.assert_allclose(_sent_w(sent[10 + i]), i + 1.0)
     s.register_node(13, 3, heldout=True, clips=5)
     grid.node_ids.append(13)
     ev = {m.metadata.dst_node_id: m for m in s.configure_evaluate(1, soup, ConfigRecord({}), grid)}
-    np.testing.assert_allclose(ev[11].content[K.ARRAYS]["w"].numpy(), 2.0)
-    np.testing.assert_allclose(ev[13].content[K.ARRAYS]["w"].numpy(), 2.0)  # held out: soup
-    np.testing.assert_allclose(ev[12].content[K.ARRAYS]["w"].numpy(), 3.0)
+    np.testing.assert_allclose(_sent_w(ev[11]), 2.0)
+    np.testing.assert_allclose(_sent_w(ev[13]), 2.0)  # held out: soup
+    np.testing.assert_allclose(_sent_w(ev[12]), 3.0)
     t = _strategy(LocalOnly)
     t.load_state_dict(s.state_dict())
     np.testing.assert_allclose(t.local[2]["w"].numpy(), 3.0)

@@ -357,6 +357,18 @@ class ServerConfig:
     # flower-superlink --enable-supernode-auth); null: a source is bound to the first node
     # claiming it
     site_registry: str | None = None
+    # One exchange a round: training sites score the model they receive on their val split in the
+    # train message (before training) and the other sites get their evaluate message in the same
+    # exchange; the last model gets one evaluate exchange of its own. Same numbers and
+    # metrics.jsonl rows as false (a train then an evaluate exchange each round), every strategy
+    eval_in_train: bool = True
+    reply_poll_s: float = 0.25  # how often the ServerApp asks for replies (Flower's own Grid: 3 s)
+    # Models (and updates) travel as one packed array plus a layout record (hdf/packing.py), one
+    # transfer instead of one per tensor; false: one Array per tensor (the same model bit for bit)
+    wire_pack: bool = True
+    # float32 | bfloat16 | float16: precision of float32 arrays on the wire (needs wire_pack); the
+    # server and sites keep float32, replies carry 16-bit deltas; integer buffers travel exactly
+    wire_dtype: str = "float32"
 
 
 @dataclass

@@ -10,6 +10,7 @@ parameter name so it is found again however the optimiser orders its parameters.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,17 +23,64 @@ class OptimizerStateError(ValueError):
     """A kept optimiser state that does not fit the model (raised before any step is taken)."""
 
 
+def _unwrapped(fn: Any) -> Any:
+    """The function under torch's wrappers (dynamo's; the profiling hook torch sets on an
+    optimiser class once one is built), or `fn` itself if torch stops marking them."""
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
+
+
+class _Eager:
+    """torch's own optimiser methods without their torch._dynamo wrappers (same numbers).
+
+    torch 2.14 wraps `Optimizer.add_param_group`, `state_dict`, `load_state_dict` and
+    `zero_grad` in `torch._disable_dynamo`, and every `step` in `_use_grad_for_differentiable`;
+    each imports torch._dynamo (about 1.1-1.3 s of CPU) the first time it runs, only to keep
+    torch.compile from tracing them. Nothing here compiles an optimiser, and every deployed
+    message is a fresh ClientApp process that paid that import again. These call the same
+    functions unwrapped; `step` runs under no_grad as the wrapper does for a non-differentiable
+    optimiser.
+    """
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _unwrapped(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _unwrapped(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return _unwrapped(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _unwrapped(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
+    def step(self, closure: Any = None) -> Any:
+        mro = type(self).__mro__
+        base = next(c for c in mro[mro.index(_Eager) + 1 :] if "step" in vars(c))
+        with torch.no_grad():
+            return _unwrapped(base.step)(self, closure)
+
+
+class EagerAdamW(_Eager, torch.optim.AdamW):
+    """torch.optim.AdamW without the torch._dynamo import (`_Eager`)."""
+
+
+class EagerSGD(_Eager, torch.optim.SGD):
+    """torch.optim.SGD without the torch._dynamo import (`_Eager`)."""
+
+
 def build_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float
 ) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay) or SGD with momentum over the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return EagerAdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"train.momentum must be in [0, 1), got {momentum}")
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return EagerSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown train.optimizer {name!r}; use one of {list(OPTIMIZERS)}")
 
 

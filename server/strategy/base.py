@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from hdf import contract as K
 from hdf.seeding import round_seed
-from server.arrays import BLOCK, array_view
+from server.arrays import BLOCK, WireFormat, array_view, pack_record
 from server.strategy.server_opt import ServerOptimizer
 from server.validation import (
     EVAL_OPTIONAL,
@@ -47,6 +47,7 @@ from server.validation import (
     evaluate_reply_problem,
     known_metrics,
     size_flag,
+    unpack_reply,
     update_norms,
     validate_train_replies,
 )
@@ -81,6 +82,10 @@ class SourceFedAvg(FedAvg):
     loss_tolerance : float (default: 2.0)
         A `loss-before` above this multiple of the server-seen validation loss of the same
         model is flagged and replaced by it (`server.validation.bounded_loss`).
+    wire : WireFormat | None (default: None, packed float32)
+        How models travel: packed into one array plus a layout (`hdf.packing`), optionally
+        in 16 bits; replies come back in the format they were sent in and are unpacked
+        before any check.
 
     The remaining keyword arguments are FedAvg's.
     """
@@ -96,6 +101,7 @@ class SourceFedAvg(FedAvg):
         local_norm: str = "none",
         server_opt: ServerOptimizer | None = None,
         loss_tolerance: float = 2.0,
+        wire: WireFormat | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         if local_norm not in LOCAL_NORM_MODES:
@@ -116,6 +122,7 @@ class SourceFedAvg(FedAvg):
         if loss_tolerance < 1.0:
             raise ValueError(f"loss_tolerance must be >= 1, got {loss_tolerance}")
         self.loss_tolerance = float(loss_tolerance)
+        self.wire = wire or WireFormat()
         self.loss_key = K.LOSS_BEFORE  # which reported loss `loss_of` reads (DRO may choose)
         self.node_source: dict[int, int] = {}  # node id -> source index
         self.node_size: dict[int, int] = {}  # node id -> clips registered at discovery
@@ -219,6 +226,7 @@ class SourceFedAvg(FedAvg):
         # Replies arrive in whatever order the sites finish; float sums are not associative, so
         # the mix is taken in a fixed order (source, node) to make a round reproducible.
         replies = sorted(replies, key=_reply_order)
+        replies = self.unpack_replies(server_round, replies)
         check = validate_train_replies(
             replies,
             self.current_arrays,
@@ -256,6 +264,19 @@ class SourceFedAvg(FedAvg):
             )
             return None, None
         return arrays, self.train_summary()
+
+    def unpack_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """The replies with packed arrays unpacked in place (`validation.unpack_reply`, against
+        the model each node was sent); a malformed one is rejected with its reason."""
+        out = []
+        for m in replies:
+            node = m.metadata.src_node_id
+            sent = self.arrays_for(node, self.current_arrays) if self.current_arrays else None
+            if (why := unpack_reply(m, sent)) is not None:
+                self.reject(server_round, node, why, "train")
+            else:
+                out.append(m)
+        return out
 
     def _check_reported_numbers(self, server_round: int, valid: list[Message]) -> None:
         """Flag sizes that differ from the registered ones and losses the server's own
@@ -305,15 +326,21 @@ class SourceFedAvg(FedAvg):
     def messages(
         self, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str
     ) -> list[Message]:
-        """One message per node carrying `arrays_for(node)` and `config`."""
-        return [
-            Message(
-                content=RecordDict({K.ARRAYS: self.arrays_for(n, arrays), K.CONFIG: config}),
-                message_type=kind,
-                dst_node_id=n,
-            )
-            for n in nodes
-        ]
+        """One message per node carrying `arrays_for(node)` (packed once per distinct model
+        when `wire.pack`) and `config`."""
+        packed: dict[int, tuple[ArrayRecord, ConfigRecord]] = {}
+        out = []
+        for n in nodes:
+            model = self.arrays_for(n, arrays)
+            content = RecordDict({K.CONFIG: config})
+            if self.wire.pack:
+                if id(model) not in packed:
+                    packed[id(model)] = pack_record(model, self.wire.dtype)
+                content[K.ARRAYS], content[K.LAYOUT] = packed[id(model)]
+            else:
+                content[K.ARRAYS] = model
+            out.append(Message(content=content, message_type=kind, dst_node_id=n))
+        return out
 
     def evaluation_nodes(self, grid: Grid) -> list[int]:
         """Every online node whose source is known (training and held-out sites)."""
