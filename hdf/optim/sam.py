@@ -31,7 +31,10 @@ class SAM:
         self.params = [p for p in params if p.requires_grad]
         self.base_optimizer = base_optimizer
         self.rho = float(rho)
+        # Copies of the weights, allocated once and refilled every step; `_perturbed` says
+        # whether they hold weights to restore.
         self._saved: list[torch.Tensor] | None = None
+        self._perturbed = False
 
     @property
     def two_pass(self) -> bool:
@@ -41,10 +44,11 @@ class SAM:
     @torch.no_grad()
     def grad_norm(self, grad_scale: float = 1.0) -> float:
         """Global L2 norm of the current gradients (divided by a loss scale, for fp16)."""
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [p.grad.float() for p in self.params if p.grad is not None]
         if not grads:
             return 0.0
-        norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+        # one multi-tensor call instead of a Python loop of per-tensor norms
+        norms = torch.stack(torch._foreach_norm(grads))
         return float(torch.linalg.vector_norm(norms)) / grad_scale
 
     @torch.no_grad()
@@ -55,24 +59,26 @@ class SAM:
         non-finite g (an fp16 overflow) leaves the weights unperturbed.
         """
         g = self.grad_norm(grad_scale)
-        if self._saved is not None:
+        if self._perturbed:
             raise RuntimeError("SAM.first_step called twice without second_step in between")
         if self.rho > 0 and math.isfinite(g) and g > 0:
-            self._saved = [p.detach().clone() for p in self.params]
+            if self._saved is None:
+                self._saved = [torch.empty_like(p) for p in self.params]
+            torch._foreach_copy_(self._saved, self.params)
+            self._perturbed = True
             step = self.rho / (g * grad_scale + 1e-12)
-            for p in self.params:
-                if p.grad is not None:
-                    p.add_(p.grad.to(p.dtype), alpha=step)
+            moved = [p for p in self.params if p.grad is not None]
+            grads = [p.grad.to(p.dtype) for p in moved]
+            torch._foreach_add_(moved, grads, alpha=step)
         return g
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put back the weights saved by ``first_step`` (exactly, by copy)."""
-        if self._saved is None:
+        if not self._perturbed:
             return
-        for p, saved in zip(self.params, self._saved, strict=True):
-            p.copy_(saved)
-        self._saved = None
+        torch._foreach_copy_(self.params, self._saved)
+        self._perturbed = False
 
     def second_step(self, scaler: torch.amp.GradScaler | None = None) -> None:
         """Restore the weights, then step the base optimizer with the current gradients."""
