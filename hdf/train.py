@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -53,26 +52,27 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, max_shift: int) -
     """Random horizontal flip and a +-max_shift pixel translation per clip of x (B x C x T x H x W).
 
     The same flip and shift apply to every frame of a clip; borders are filled by replication.
+    Shift, replicate padding and flip are all one re-indexing of each clip's pixels (row
+    clamp(i + dy), column clamp(j + dx), the column mirrored for a flipped clip), so they are
+    applied as a single gather: one pass over x instead of pad, crop, stack and a masked flip.
     """
-    b, _, _, h, w = x.shape
+    b, c, t, h, w = x.shape
     flip = torch.rand(b, generator=generator) < 0.5
     shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator)
-    if max_shift > 0:
-        padded = F.pad(x, (max_shift, max_shift, max_shift, max_shift, 0, 0), mode="replicate")
-        rows = []
-        for i in range(b):
-            dy, dx = int(shifts[i, 0]) + max_shift, int(shifts[i, 1]) + max_shift
-            rows.append(padded[i, :, :, dy : dy + h, dx : dx + w])
-        fmt = (
-            torch.channels_last_3d
-            if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-            else torch.contiguous_format
-        )
-        x = torch.stack(rows).contiguous(memory_format=fmt)
-    if bool(flip.any()):
-        mask = flip.to(x.device)[:, None, None, None, None]
-        x = torch.where(mask, x.flip(-1), x)
-    return x
+    if not bool(flip.any()) and not bool(shifts.any()):
+        return x
+    cols = torch.arange(w)
+    cols = torch.where(flip[:, None], w - 1 - cols, cols)  # B x W: output column -> shifted one
+    cols = (cols + shifts[:, 1:]).clamp_(0, w - 1)
+    rows = (torch.arange(h) + shifts[:, :1]).clamp_(0, h - 1)  # B x H
+    index = (rows[:, :, None] * w + cols[:, None, :]).reshape(b, 1, h * w).to(x.device)
+    out = x.reshape(b, c * t, h * w).gather(2, index.expand(b, c * t, h * w))
+    fmt = (
+        torch.channels_last_3d
+        if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+        else torch.contiguous_format
+    )
+    return out.reshape(b, c, t, h, w).contiguous(memory_format=fmt)
 
 
 class _FrozenNormStats:
