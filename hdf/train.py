@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -92,13 +93,44 @@ class _FrozenNormStats:
             m.momentum = momentum
 
 
-def _proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor | None:
-    """FedProx term (mu / 2) ||w - w_global||^2 over the trainable parameters."""
-    if mu <= 0:
-        return None
-    params = [p for p in model.parameters() if p.requires_grad]
-    sq = sum((p.float() - a).square().sum() for p, a in zip(params, anchor, strict=True))
-    return 0.5 * mu * sq
+class _Objective:
+    """The training loss of one batch: forward pass, DSM, and the FedProx term if mu > 0.
+
+    Both SAM passes evaluate it: the first at the current weights (its loss and predictions are
+    the ones reported), the second at the perturbed weights with this batch's g and the
+    BatchNorm statistics frozen.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: DSMLoss, device: torch.device, precision: str, mu: float
+    ) -> None:
+        self.model, self.loss_fn, self.device, self.precision = model, loss_fn, device, precision
+        self.mu = float(mu)
+        # FedProx anchor: the received weights
+        self.anchor = [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
+        self.norm_frozen = _FrozenNormStats(model)
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, grad_norm: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(logits, loss, parts) at the current weights; ``parts["total"]`` is DSM's alone."""
+        with autocast_context(self.device, self.precision):
+            logits, features = self.model(x)
+        loss, parts = self.loss_fn(logits, features, y, grad_norm=grad_norm)
+        if self.mu > 0:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            sq = sum(
+                (p.float() - a).square().sum() for p, a in zip(params, self.anchor, strict=True)
+            )
+            prox = 0.5 * self.mu * sq  # (mu / 2) ||w - w_global||^2
+            loss = loss + prox
+            parts["prox"] = float(prox.detach())
+        return logits, loss, parts
+
+    def perturbed(self, x: torch.Tensor, y: torch.Tensor, grad_norm: float) -> torch.Tensor:
+        """SAM's second-pass loss: running statistics untouched, DSM balanced by this g."""
+        with self.norm_frozen:
+            return self(x, y, grad_norm)[1]
 
 
 def train_local(
@@ -166,8 +198,7 @@ def train_local(
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     loss_fn = build_loss(cfg)
     augment = bool(_get(cfg, "train.augment", True))
-    anchor = [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
-    norm_frozen = _FrozenNormStats(model)
+    objective = _Objective(model, loss_fn, device, precision, proximal_mu)
 
     sums: dict[str, float] = {}
     grad_norms: list[float] = []
@@ -185,37 +216,13 @@ def train_local(
                 x = model.preprocess(clips)
                 if augment:
                     x = augment_batch(x, gen, max_shift=max(1, x.shape[-1] // 16))
-                scale = float(scaler.get_scale()) if scaler is not None else 1.0
-
-                # First pass at the current weights: the reported loss and predictions.
-                with autocast_context(device, precision):
-                    logits, features = model(x)
-                loss, parts = loss_fn(logits, features, y)
-                prox = _proximal(model, anchor, proximal_mu)
-                if prox is not None:
-                    loss = loss + prox
-                    parts["prox"] = float(prox.detach())
+                logits, loss, parts = objective(x, y)
                 if not math.isfinite(parts["total"]):
                     skipped += 1
                     sam.zero_grad()
                     continue
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                g = sam.first_step(grad_scale=scale)
-
-                if sam.two_pass:
-                    # Second pass at w + e(w); DSM's balance uses g of this batch's first pass.
-                    sam.zero_grad()
-                    with norm_frozen, autocast_context(device, precision):
-                        logits2, features2 = model(x)
-                    loss2, _ = loss_fn(logits2, features2, y, grad_norm=g)
-                    prox2 = _proximal(model, anchor, proximal_mu)
-                    if prox2 is not None:
-                        loss2 = loss2 + prox2
-                    (scaler.scale(loss2) if scaler is not None else loss2).backward()
-                else:
-                    loss_fn.observe_grad_norm(g)  # used by the next step's balance
-                sam.second_step(scaler)
-                sam.zero_grad()
+                g = sam.step(loss, partial(objective.perturbed, x, y), scaler)
+                loss_fn.observe_grad_norm(g)  # with SAM off, the next step's balance uses it
                 sched.step()
 
                 steps += 1

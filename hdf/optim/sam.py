@@ -8,7 +8,7 @@ first-pass gradient norm without using it; here that norm is returned and drives
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -88,6 +88,30 @@ class SAM:
         else:
             scaler.step(self.base_optimizer)
             scaler.update()
+
+    def step(
+        self,
+        loss: torch.Tensor,
+        perturbed_loss: Callable[[float], torch.Tensor],
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> float:
+        """One SAM update from ``loss`` at the current weights; returns its gradient norm g.
+
+        Backpropagates ``loss``, takes g and the ascent step, backpropagates
+        ``perturbed_loss(g)`` (the same batch at w + e(w); g is handed over because HDF's DSM
+        weighs its terms by it), restores w and steps the base optimizer with that gradient.
+        With rho = 0 there is no second pass and the base step uses the first gradient.
+        """
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        g = self.first_step(grad_scale=scale)
+        if self.two_pass:
+            self.zero_grad()
+            loss2 = perturbed_loss(g)
+            (scaler.scale(loss2) if scaler is not None else loss2).backward()
+        self.second_step(scaler)
+        self.zero_grad()
+        return g
 
     def zero_grad(self) -> None:
         """Clear the gradients (set to None) of every parameter."""
