@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from hdf.device import autocast_context, autocast_dtype
 from hdf.evaluate import predict
+from hdf.host_memory import keep_freed_memory
 from hdf.losses.dsm import DSMLoss
 from hdf.metrics import balanced_cross_entropy, uar, war
 from hdf.optim.base import build_optimizer, export_state, import_state
@@ -160,6 +161,7 @@ def train_local(
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
+    keep_freed_memory()  # no page faults for re-allocating each step's tensors (hdf/host_memory.py)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     batch_size = int(_get(cfg, "train.batch_size", 16))
