@@ -13,17 +13,18 @@ import math
 import sys
 import time
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from hdf.config.schema import RunConfig
 from hdf.device import autocast_context, autocast_dtype
 from hdf.evaluate import predict
+from hdf.host_memory import keep_freed_memory
 from hdf.losses.dsm import DSMLoss
 from hdf.metrics import balanced_cross_entropy, uar, war
 from hdf.optim.base import build_optimizer, export_state, import_state
@@ -35,26 +36,27 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, max_shift: int) -
     """Random horizontal flip and a +-max_shift pixel translation per clip of x (B x C x T x H x W).
 
     The same flip and shift apply to every frame of a clip; borders are filled by replication.
+    Shift, replicate padding and flip are all one re-indexing of each clip's pixels (row
+    clamp(i + dy), column clamp(j + dx), the column mirrored for a flipped clip), so they are
+    applied as a single gather: one pass over x instead of pad, crop, stack and a masked flip.
     """
-    b, _, _, h, w = x.shape
+    b, c, t, h, w = x.shape
     flip = torch.rand(b, generator=generator) < 0.5
     shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator)
-    if max_shift > 0:
-        padded = F.pad(x, (max_shift, max_shift, max_shift, max_shift, 0, 0), mode="replicate")
-        rows = []
-        for i in range(b):
-            dy, dx = int(shifts[i, 0]) + max_shift, int(shifts[i, 1]) + max_shift
-            rows.append(padded[i, :, :, dy : dy + h, dx : dx + w])
-        fmt = (
-            torch.channels_last_3d
-            if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-            else torch.contiguous_format
-        )
-        x = torch.stack(rows).contiguous(memory_format=fmt)
-    if bool(flip.any()):
-        mask = flip.to(x.device)[:, None, None, None, None]
-        x = torch.where(mask, x.flip(-1), x)
-    return x
+    if not bool(flip.any()) and not bool(shifts.any()):
+        return x
+    cols = torch.arange(w)
+    cols = torch.where(flip[:, None], w - 1 - cols, cols)  # B x W: output column -> shifted one
+    cols = (cols + shifts[:, 1:]).clamp_(0, w - 1)
+    rows = (torch.arange(h) + shifts[:, :1]).clamp_(0, h - 1)  # B x H
+    index = (rows[:, :, None] * w + cols[:, None, :]).reshape(b, 1, h * w).to(x.device)
+    out = x.reshape(b, c * t, h * w).gather(2, index.expand(b, c * t, h * w))
+    fmt = (
+        torch.channels_last_3d
+        if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+        else torch.contiguous_format
+    )
+    return out.reshape(b, c, t, h, w).contiguous(memory_format=fmt)
 
 
 class _FrozenNormStats:
@@ -74,13 +76,44 @@ class _FrozenNormStats:
             m.momentum = momentum
 
 
-def _proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor | None:
-    """FedProx term (mu / 2) ||w - w_global||^2 over the trainable parameters."""
-    if mu <= 0:
-        return None
-    params = [p for p in model.parameters() if p.requires_grad]
-    sq = sum((p.float() - a).square().sum() for p, a in zip(params, anchor, strict=True))
-    return 0.5 * mu * sq
+class _Objective:
+    """The training loss of one batch: forward pass, DSM, and the FedProx term if mu > 0.
+
+    Both SAM passes evaluate it: the first at the current weights (its loss and predictions are
+    the ones reported), the second at the perturbed weights with this batch's g and the
+    BatchNorm statistics frozen.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: DSMLoss, device: torch.device, precision: str, mu: float
+    ) -> None:
+        self.model, self.loss_fn, self.device, self.precision = model, loss_fn, device, precision
+        self.mu = float(mu)
+        # FedProx anchor: the received weights
+        self.anchor = [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
+        self.norm_frozen = _FrozenNormStats(model)
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, grad_norm: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(logits, loss, parts) at the current weights; ``parts["total"]`` is DSM's alone."""
+        with autocast_context(self.device, self.precision):
+            logits, features = self.model(x)
+        loss, parts = self.loss_fn(logits, features, y, grad_norm=grad_norm)
+        if self.mu > 0:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            sq = sum(
+                (p.float() - a).square().sum() for p, a in zip(params, self.anchor, strict=True)
+            )
+            prox = 0.5 * self.mu * sq  # (mu / 2) ||w - w_global||^2
+            loss = loss + prox
+            parts["prox"] = float(prox.detach())
+        return logits, loss, parts
+
+    def perturbed(self, x: torch.Tensor, y: torch.Tensor, grad_norm: float) -> torch.Tensor:
+        """SAM's second-pass loss: running statistics untouched, DSM balanced by this g."""
+        with self.norm_frozen:
+            return self(x, y, grad_norm)[1]
 
 
 def train_local(
@@ -112,6 +145,7 @@ def train_local(
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
+    keep_freed_memory()  # no page faults for re-allocating each step's tensors (hdf/host_memory.py)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     train = cfg.train
@@ -148,8 +182,7 @@ def train_local(
     )
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     loss_fn = DSMLoss(cfg.dsm)
-    anchor = [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
-    norm_frozen = _FrozenNormStats(model)
+    objective = _Objective(model, loss_fn, device, precision, proximal_mu)
 
     sums: dict[str, float] = {}
     grad_norms: list[float] = []
@@ -167,37 +200,13 @@ def train_local(
                 x = model.preprocess(clips)
                 if train.augment:
                     x = augment_batch(x, gen, max_shift=max(1, x.shape[-1] // 16))
-                scale = float(scaler.get_scale()) if scaler is not None else 1.0
-
-                # First pass at the current weights: the reported loss and predictions.
-                with autocast_context(device, precision):
-                    logits, features = model(x)
-                loss, parts = loss_fn(logits, features, y)
-                prox = _proximal(model, anchor, proximal_mu)
-                if prox is not None:
-                    loss = loss + prox
-                    parts["prox"] = float(prox.detach())
+                logits, loss, parts = objective(x, y)
                 if not math.isfinite(parts["total"]):
                     skipped += 1
                     sam.zero_grad()
                     continue
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                g = sam.first_step(grad_scale=scale)
-
-                if sam.two_pass:
-                    # Second pass at w + e(w); DSM's balance uses g of this batch's first pass.
-                    sam.zero_grad()
-                    with norm_frozen, autocast_context(device, precision):
-                        logits2, features2 = model(x)
-                    loss2, _ = loss_fn(logits2, features2, y, grad_norm=g)
-                    prox2 = _proximal(model, anchor, proximal_mu)
-                    if prox2 is not None:
-                        loss2 = loss2 + prox2
-                    (scaler.scale(loss2) if scaler is not None else loss2).backward()
-                else:
-                    loss_fn.observe_grad_norm(g)  # used by the next step's balance
-                sam.second_step(scaler)
-                sam.zero_grad()
+                g = sam.step(loss, partial(objective.perturbed, x, y), scaler)
+                loss_fn.observe_grad_norm(g)  # with SAM off, the next step's balance uses it
                 sched.step()
 
                 steps += 1

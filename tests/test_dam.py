@@ -141,6 +141,32 @@ def test_dam_matches_an_independent_reference(
     )
 
 
+@pytest.mark.parametrize(("c", "t", "h", "w"), DAM_SHAPES)
+@pytest.mark.parametrize(("temporal", "frequency"), [(True, True), (False, True)])
+def test_dam_gradients_match_the_independent_reference(
+    c: int, t: int, h: int, w: int, temporal: bool, frequency: bool
+) -> None:
+    """The gradients of every parameter and of the input equal the reference's (float64, all
+    parameters randomised): the fused descriptors, batched matmuls and detached sign of the
+    module must be the same function to first order too, not only in value."""
+    torch.manual_seed(1)
+    dam = DAM(c, t, temporal=temporal, frequency=frequency).double()
+    with torch.no_grad():
+        for q in dam.parameters():
+            q.copy_(torch.randn_like(q) * 0.5)
+    x = torch.randn(2, c, t, h, w, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, c, t, h, w, dtype=torch.float64)
+    names = [name for name, _ in dam.named_parameters()]
+    got = torch.autograd.grad((dam(x) * upstream).sum(), [x, *dam.parameters()])
+    leaves = {name: q.detach().clone().requires_grad_(True) for name, q in dam.named_parameters()}
+    x_ref = x.detach().clone().requires_grad_(True)
+    want = torch.autograd.grad(
+        (_reference_dam(x_ref, leaves) * upstream).sum(), [x_ref, *leaves.values()]
+    )
+    for name, a, b in zip(["x", *names], got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize(("h", "w"), [(7, 7), (5, 9), (12, 3), (1, 1)])
 def test_fold_conv_equals_conv2d(h: int, w: int) -> None:
     """FreConv computed as one matmul and fold is the Conv2d(49 -> 1, 7x7, pad 3) it replaces."""

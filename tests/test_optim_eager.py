@@ -33,9 +33,9 @@ def test_same_bits_and_state_as_torch(name) -> None:
     ours = build_optimizer(ours_model, name, lr=0.05, weight_decay=0.01, momentum=0.9)
     params = list(theirs_model.parameters())
     theirs = (
-        torch.optim.AdamW(params, lr=0.05, weight_decay=0.01)
+        torch.optim.AdamW(params, lr=0.05, weight_decay=0.01, fused=True)
         if name == "adamw"
-        else torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01)
+        else torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01, foreach=True)
     )
     for a, b in zip(_train(ours_model, ours), _train(theirs_model, theirs), strict=True):
         assert torch.equal(a, b)

@@ -115,3 +115,57 @@ def test_cosine_with_warmup_shape() -> None:
     assert lrs[9] == pytest.approx(0.55)  # half-way through the cosine
     assert lrs[14] == pytest.approx(0.1)
     assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
+
+
+def _reference_sam_steps(
+    model: nn.Module, batches: list[torch.Tensor], rho: float, lr: float
+) -> tuple[list[torch.Tensor], list[float]]:
+    """SAM + SGD written out per tensor: w' = w - lr grad(w + rho g_1 / |g_1|)."""
+    params = list(model.parameters())
+    norms = []
+    for x in batches:
+        grads = torch.autograd.grad(model(x).square().sum(), params)
+        g = math.sqrt(sum(float(gr.double().square().sum()) for gr in grads))
+        norms.append(g)
+        w = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, gr in zip(params, grads, strict=True):
+                p += rho / g * gr
+        grads2 = torch.autograd.grad(model(x).square().sum(), params)
+        with torch.no_grad():
+            for p, w0, gr in zip(params, w, grads2, strict=True):
+                p.copy_(w0 - lr * gr)
+    return [p.detach().clone() for p in params], norms
+
+
+def test_step_equals_a_hand_written_sam_and_hands_g_to_the_second_pass() -> None:
+    """SAM.step over three batches (its weight buffers reused) equals the reference update, and
+    the second-pass loss is called once per step with that step's first-pass g."""
+    batches = [torch.randn(6, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    reference = _model()
+    expected, expected_g = _reference_sam_steps(reference, batches, rho=0.2, lr=0.1)
+    model = _model()
+    sam = SAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1), rho=0.2)
+    seen: list[float] = []
+
+    def perturbed(x: torch.Tensor, g: float) -> torch.Tensor:
+        seen.append(g)
+        return model(x).square().sum()
+
+    got = [sam.step(model(x).square().sum(), lambda g, x=x: perturbed(x, g)) for x in batches]
+    assert got == pytest.approx(expected_g, rel=1e-6) and seen == got
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_step_with_rho_zero_is_one_plain_step() -> None:
+    """rho = 0: no second pass; the base optimizer steps with the first gradient."""
+    model = _model()
+    x = torch.randn(4, 3)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    grads = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    sam = SAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.5), rho=0.0)
+    sam.step(model(x).sum(), lambda g: pytest.fail("no second pass expected"))
+    for p, w, gr in zip(model.parameters(), w0, grads, strict=True):
+        torch.testing.assert_close(p.detach(), w - 0.5 * gr)

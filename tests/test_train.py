@@ -219,6 +219,37 @@ def test_augment_batch_flip_and_shift() -> None:
     assert shifted.shape == x.shape
 
 
+def _augment_by_loops(x: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
+    """The augmentation pixel by pixel: pad by replication, crop at (dy, dx), then mirror."""
+    b, _, _, h, w = x.shape
+    flip = torch.rand(b, generator=generator) < 0.5  # the same draws, in the same order
+    shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator)
+    out = torch.empty_like(x)
+    for i in range(b):
+        dy, dx = int(shifts[i, 0]), int(shifts[i, 1])
+        for r in range(h):
+            for c in range(w):
+                col = w - 1 - c if flip[i] else c
+                src_r = min(max(r + dy, 0), h - 1)
+                src_c = min(max(col + dx, 0), w - 1)
+                out[i, :, :, r, c] = x[i, :, :, src_r, src_c]
+    return out
+
+
+@pytest.mark.parametrize("max_shift", [0, 1, 3])
+def test_augment_batch_equals_pad_crop_flip_by_loops(max_shift: int) -> None:
+    """Bit-identical to the loop reference on a non-square batch; channels-last stays so."""
+    x = torch.randn(6, 3, 2, 5, 7)
+    for seed in range(3):
+        got = augment_batch(x, torch.Generator().manual_seed(seed), max_shift)
+        want = _augment_by_loops(x, torch.Generator().manual_seed(seed), max_shift)
+        assert torch.equal(got, want), seed
+    cl = x.contiguous(memory_format=torch.channels_last_3d)
+    got = augment_batch(cl, torch.Generator().manual_seed(0), max_shift)
+    assert torch.equal(got, _augment_by_loops(x, torch.Generator().manual_seed(0), max_shift))
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def test_all_dsm_switches_off_gives_plain_ce() -> None:
     loss_fn = DSMLoss(supcon=False, ib=False, balance=False, alpha=1.0)
     logits, labels = torch.randn(4, 7), torch.tensor([0, 1, 2, 3])

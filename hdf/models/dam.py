@@ -9,7 +9,8 @@ it happens and collected in docs/hdf_method.md:
 - the DCT input is the channel *mean* (the released conv sums channels), so the learned
   perturbation has the same scale at every stage width;
 - the channel-sum DCT conv is computed as one 1-channel conv, and the two residual gates are fused
-  into one multiply, which is the same function at a fraction of the cost.
+  into one multiply, which is the same function at a fraction of the cost (as are the batched
+  matmuls and the detached sign of the frequency branch, which only save copies and zero grads).
 """
 
 from __future__ import annotations
@@ -171,7 +172,10 @@ def conv_to_one_channel(
     """
     k, channels = int(weight.shape[-1]), int(weight.shape[1])  # constants (TorchScript tracing)
     per_offset = weight.reshape(channels, k * k).flip(1).t()  # (k k) x K
-    return F.fold(per_offset.to(z.dtype) @ z, size, k, padding=k // 2)
+    # bmm against the broadcast weight: `per_offset @ z` would transpose-copy z to one big mm
+    # and return a transposed (strided) product that fold then reads slowly.
+    offsets = torch.bmm(per_offset.to(z.dtype).expand(z.shape[0], -1, -1), z)
+    return F.fold(offsets, size, k, padding=k // 2)
 
 
 class FrequencyBranch(nn.Module):
@@ -197,11 +201,16 @@ class FrequencyBranch(nn.Module):
         # sum; we filter the channel mean (sum / C) so the perturbation's scale is width-free.
         # 7x7 DCT of every zero-padded patch: unfold + one matmul (the same as the 1->49 conv).
         patches = F.unfold(xbar.unsqueeze(1), DCT_SIZE, padding=pad)  # B x 49 x HW
-        dct = self.dct.to(patches.dtype) @ patches  # B x 49 x HW
+        # bmm keeps the B x 49 x HW layout contiguous (see conv_to_one_channel)
+        dct = torch.bmm(self.dct.to(patches.dtype).expand(patches.shape[0], -1, -1), patches)
         dev = (dct - dct.mean(dim=2, keepdim=True)).norm(dim=2, keepdim=True)  # B x 49 x 1
         delta = self.noise * self.noise_scale + _FREQ_WASSERSTEIN_REG * self.dev_scale * dev
         # (alpha Dct + beta (Dct + delta sign(Dct))) / 2, written with one fused multiply-add.
-        z = torch.addcmul((self.alpha + self.beta) / 2 * dct, self.beta / 2 * delta, dct.sign())
+        # sign has zero gradient; taking it of the detached Dct spares autograd a full-size
+        # zero gradient and its accumulation.
+        z = torch.addcmul(
+            (self.alpha + self.beta) / 2 * dct, self.beta / 2 * delta, dct.detach().sign()
+        )
         z = self.fit(z)
         fmap = conv_to_one_channel(z, self.attn.weight, (h, w))  # FreConv: B x 1 x H x W
         return torch.sigmoid(fmap).unsqueeze(2)

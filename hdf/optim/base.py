@@ -73,14 +73,19 @@ class EagerSGD(_Eager, torch.optim.SGD):
 def build_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float
 ) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay) or SGD with momentum over the trainable parameters."""
+    """AdamW (decoupled weight decay) or SGD with momentum over the trainable parameters.
+
+    Both update all parameters in one call instead of a Python loop over ~130 small tensors:
+    AdamW fused (one kernel, the same update up to float rounding), SGD multi-tensor (`foreach`,
+    bit-identical). PyTorch picks neither on CPU by itself; the loop cost ~4 % of a tiny3d step.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
-        return EagerAdamW(params, lr=lr, weight_decay=weight_decay)
+        return EagerAdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     if name == "sgd":
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"train.momentum must be in [0, 1), got {momentum}")
-        return EagerSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return EagerSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
     raise ValueError(f"unknown train.optimizer {name!r}; use one of {list(OPTIMIZERS)}")
 
 

@@ -8,7 +8,7 @@ first-pass gradient norm without using it; here that norm is returned and drives
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -31,7 +31,10 @@ class SAM:
         self.params = [p for p in params if p.requires_grad]
         self.base_optimizer = base_optimizer
         self.rho = float(rho)
+        # Copies of the weights, allocated once and refilled every step; `_perturbed` says
+        # whether they hold weights to restore.
         self._saved: list[torch.Tensor] | None = None
+        self._perturbed = False
 
     @property
     def two_pass(self) -> bool:
@@ -41,10 +44,11 @@ class SAM:
     @torch.no_grad()
     def grad_norm(self, grad_scale: float = 1.0) -> float:
         """Global L2 norm of the current gradients (divided by a loss scale, for fp16)."""
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [p.grad.float() for p in self.params if p.grad is not None]
         if not grads:
             return 0.0
-        norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+        # one multi-tensor call instead of a Python loop of per-tensor norms
+        norms = torch.stack(torch._foreach_norm(grads))
         return float(torch.linalg.vector_norm(norms)) / grad_scale
 
     @torch.no_grad()
@@ -55,24 +59,26 @@ class SAM:
         non-finite g (an fp16 overflow) leaves the weights unperturbed.
         """
         g = self.grad_norm(grad_scale)
-        if self._saved is not None:
+        if self._perturbed:
             raise RuntimeError("SAM.first_step called twice without second_step in between")
         if self.rho > 0 and math.isfinite(g) and g > 0:
-            self._saved = [p.detach().clone() for p in self.params]
+            if self._saved is None:
+                self._saved = [torch.empty_like(p) for p in self.params]
+            torch._foreach_copy_(self._saved, self.params)
+            self._perturbed = True
             step = self.rho / (g * grad_scale + 1e-12)
-            for p in self.params:
-                if p.grad is not None:
-                    p.add_(p.grad.to(p.dtype), alpha=step)
+            moved = [p for p in self.params if p.grad is not None]
+            grads = [p.grad.to(p.dtype) for p in moved]
+            torch._foreach_add_(moved, grads, alpha=step)
         return g
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put back the weights saved by ``first_step`` (exactly, by copy)."""
-        if self._saved is None:
+        if not self._perturbed:
             return
-        for p, saved in zip(self.params, self._saved, strict=True):
-            p.copy_(saved)
-        self._saved = None
+        torch._foreach_copy_(self.params, self._saved)
+        self._perturbed = False
 
     def second_step(self, scaler: torch.amp.GradScaler | None = None) -> None:
         """Restore the weights, then step the base optimizer with the current gradients."""
@@ -82,6 +88,30 @@ class SAM:
         else:
             scaler.step(self.base_optimizer)
             scaler.update()
+
+    def step(
+        self,
+        loss: torch.Tensor,
+        perturbed_loss: Callable[[float], torch.Tensor],
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> float:
+        """One SAM update from ``loss`` at the current weights; returns its gradient norm g.
+
+        Backpropagates ``loss``, takes g and the ascent step, backpropagates
+        ``perturbed_loss(g)`` (the same batch at w + e(w); g is handed over because HDF's DSM
+        weighs its terms by it), restores w and steps the base optimizer with that gradient.
+        With rho = 0 there is no second pass and the base step uses the first gradient.
+        """
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        g = self.first_step(grad_scale=scale)
+        if self.two_pass:
+            self.zero_grad()
+            loss2 = perturbed_loss(g)
+            (scaler.scale(loss2) if scaler is not None else loss2).backward()
+        self.second_step(scaler)
+        self.zero_grad()
+        return g
 
     def zero_grad(self) -> None:
         """Clear the gradients (set to None) of every parameter."""
