@@ -27,7 +27,7 @@ smoke: install
 test: install  ## every test but the multi-host deployment ones (under 15 minutes on 2 cores)
 	WANDB_MODE=disabled $(PY) -m pytest -q -m "not multihost" $(ARGS)
 
-test-deploy: install  ## SuperLink + SuperNodes in network namespaces with TLS and node auth (root)
+test-deploy: install  ## SuperLink + SuperNodes in network namespaces with TLS and node auth, and docker-compose.yml under podman-compose (root)
 	WANDB_MODE=disabled $(PY) -m pytest -q -m multihost tests/test_deploy.py $(ARGS)
 
 test-fast: install
