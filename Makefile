@@ -33,7 +33,7 @@ test: install imports  ## the import contract, then every test but the multi-hos
 imports: install  ## the layers point down only (contracts in pyproject.toml [tool.importlinter])
 	$(VENV)/bin/lint-imports
 
-test-deploy: install  ## SuperLink + SuperNodes in network namespaces with TLS and node auth (root)
+test-deploy: install  ## SuperLink + SuperNodes in network namespaces with TLS and node auth, and docker-compose.yml under podman-compose (root)
 	WANDB_MODE=disabled $(PY) -m pytest -q -m multihost tests/test_deploy.py $(ARGS)
 
 test-fast: install

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +38,16 @@ _SITES: dict[tuple[str, str], Site] = {}
 # In simulation one worker process runs the ClientApp of several virtual nodes in turn; keeping
 # each one's site avoids rebuilding its model and reloading its data on every message.
 MAX_SITES = 32
+
+
+def where() -> str:
+    """This process, its machine and, in a Ray simulation, its Ray node: printed when a site is
+    built, so a run on a Ray cluster shows which node served which site (docs/architecture.md)."""
+    ray = sys.modules.get("ray")  # imported only inside Ray's workers; never imported here
+    node = ""
+    if ray is not None and ray.is_initialized():
+        node = f", Ray node {ray.get_runtime_context().get_node_id()}"
+    return f"pid {os.getpid()} on {socket.gethostname()}{node}"
 
 
 def config_key(cfg_yaml: str) -> str:
@@ -101,4 +113,5 @@ def get_site(cfg_yaml: str, node_config: dict[str, Any]) -> Site:
         if len(_SITES) >= MAX_SITES:  # a process serves a few sources in turn (simulation)
             _SITES.pop(next(iter(_SITES)))
         _SITES[key] = Site(cfg, run, source, heldout, model, device)
+        print(f"site {source.name}: built in {where()}", flush=True)
     return _SITES[key]

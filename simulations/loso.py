@@ -13,11 +13,14 @@ other override is passed to each run. `loso.strategies` names files of `conf/str
 entries are then named `strategy@variant` (e.g. `dro@base`) and compared with `fedavg@variant`.
 
 Runs go one after another (`loso.jobs=N`: N at once), each in its own process (a fresh Ray and
-a fresh ClientApp cache), its output captured in `<run>/log.txt`. The sweep folder is named by a
-hash of the run overrides (not of the `loso.*` lists, so adding a strategy or a seed reuses what
-is done) and each run folder by a hash of its own overrides (DomainBed's sweep.py): a re-run
-skips runs with a `done` marker and resumes a run that died from its checkpoint. The sweep
-folder gets report.md, plots and summary.json (`simulations.loso_report`,
+a fresh ClientApp cache), its output captured in `<run>/log.txt`. With `RAY_ADDRESS` (or
+`simulation.ray_address`) every run joins that Ray cluster, one run at a time. Several machines
+share a sweep by each running part of it (`loso.heldout=[...]`) into one `loso.root`: the folders
+are named by the overrides, so the parts fill one sweep that the full command then reports on.
+The sweep folder is named by a hash of the run overrides (not of the `loso.*` lists, so adding a
+strategy or a seed reuses what is done) and each run folder by a hash of its own overrides
+(DomainBed's sweep.py): a re-run skips runs with a `done` marker and resumes a run that died from
+its checkpoint. The sweep folder gets report.md, plots and summary.json (`simulations.loso_report`,
 `simulations.loso_summary`); its path is the last line printed.
 
 Every strategy is compared with FedAvg and with the pooled baseline by paired differences over
@@ -48,6 +51,7 @@ from hdf.runfolder.folder import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE
 from simulations.cli import command
 from simulations.loso_report import write_report
 from simulations.loso_runs import CENTRALIZED, LOG_FILE, RUN_INFO, RunSpec, Sweep
+from simulations.ray_cluster import given_address
 
 # The sweep's settings and their defaults: hdf/config/schema.py LosoConfig.
 LOSO_DEFAULTS: dict[str, Any] = asdict(LosoConfig())
@@ -97,6 +101,14 @@ def plan(argv: Sequence[str]) -> Sweep:
     jobs = int(settings["jobs"])
     if jobs < 1:
         raise ValueError(f"loso.jobs={jobs}: give at least 1 (runs at once)")
+    address, origin = given_address(cfg)
+    if jobs > 1 and address is not None:
+        raise ValueError(
+            f"loso.jobs={jobs} on the Ray cluster {origin}={address}: each run's client pool "
+            "takes every CPU of the cluster and holds it until the run ends, so runs at once "
+            "stall on each other's clients; give loso.jobs=1 (each run spreads over the "
+            "cluster), or split the sweep by loso.heldout across machines (docs/deploy.md)"
+        )
     entries = [
         (f"{s}@{v}" if v else s, s, extra)
         for s in strategies

@@ -30,6 +30,7 @@ from hdf.data import build_sources, split_sources  # noqa: E402
 from hdf.runfolder.folder import RunFolder, discarded_unless_trained  # noqa: E402
 from server.app import make_server_app, open_run, resolve_resume  # noqa: E402
 from simulations.cli import command  # noqa: E402
+from simulations.ray_cluster import address_env, backend_config, cluster_address  # noqa: E402
 
 
 def check_simulation(cfg: DictConfig) -> None:
@@ -39,6 +40,7 @@ def check_simulation(cfg: DictConfig) -> None:
             f"server.heldout_eval={cfg.server.heldout_eval}: in simulation the server scores "
             "held-out sources; keep server.heldout_eval=server"
         )
+    cluster_address(cfg)  # a cluster that is not there stops the run here, not in Ray's wait
 
 
 if TYPE_CHECKING:
@@ -57,24 +59,16 @@ def simulate(cfg: DictConfig, run: RunFolder, client_app: ClientApp | None = Non
 
     check_simulation(cfg)
     train, _ = split_sources(build_sources(cfg.data), list(cfg.data.heldout), cfg.data.train)
-    backend_config = {
-        "client_resources": {
-            "num_cpus": float(cfg.simulation.num_cpus_per_client),
-            "num_gpus": float(cfg.simulation.num_gpus_per_client),
-        },
-        "init_args": {
-            "num_cpus": os.cpu_count() or 1,
-            "logging_level": "ERROR",
-            "log_to_driver": True,
-        },
-    }
-    with warnings.catch_warnings():
+    address = cluster_address(cfg)
+    if address is not None:
+        print(f"joining the Ray cluster at {address}", flush=True)
+    with warnings.catch_warnings(), address_env(address):
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
         run_simulation(
             server_app=make_server_app(cfg, run),
             client_app=client_app,
             num_supernodes=len(train),
-            backend_config=backend_config,
+            backend_config=backend_config(cfg, address),
         )
     if not run.done:
         raise RuntimeError(f"the federation did not finish; see the log above and {run.path}")

@@ -459,3 +459,106 @@ def test_netns_skip_reason_is_explicit(monkeypatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda _: "/usr/sbin/ip")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert "root" in (cl.why_no_netns() or "")
+
+
+# ---- docker-compose.yml itself, under podman-compose ---------------------------------------
+COMPOSE_OVERRIDES = (  # experiment=deploy on all six sites of the file, at experiment=tiny's size
+    "experiment=deploy rounds=1 data.scale=0.08 data.num_frames=4 data.size=32 model.width=4 "
+    "train.batch_size=8 train.loss_before_clips=8 eval.batch_size=32 server.heldout_adapt=[none]"
+)
+
+
+def _flwr_json(env: dict[str, str], *args: str) -> dict:
+    r = subprocess.run(
+        [str(BIN / "flwr"), *args, "--format", "json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    start = r.stdout.find("{")
+    assert start >= 0, f"flwr {' '.join(args)}: rc={r.returncode}\n{r.stdout}\n{r.stderr}"
+    return json.loads(r.stdout[start:])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+def test_compose_file_runs_a_federation_under_podman(tmp_path: Path) -> None:
+    """docker-compose.yml's 14 services (SuperLink, ServerApp executor, six SuperNodes and their
+    ClientApp executors; TLS, node authentication, process isolation) come up under
+    podman-compose on a base image built here (testbed/podman.py) and finish a one-round
+    federation that writes the metrics contract for its five training sites and phone."""
+    from testbed import podman
+
+    reason = podman.why_no_podman()
+    if reason:
+        pytest.skip(f"compose under podman: {reason}")
+    conf = podman.containers_conf(tmp_path / "containers.conf")
+    env = {**_env(tmp_path / "flwr-home"), "CONTAINERS_CONF": str(conf)}
+    podman.ensure_image(tmp_path, env)
+    port = _free_port()
+    compose_file = tmp_path / "docker-compose.yml"
+    compose_file.write_text(yaml.safe_dump(podman.local_compose(port), sort_keys=False))
+    nodes = [x for s in podman.SITES for x in ("--node", s)]
+    assert make_certs(["--out", str(tmp_path / "certs"), "--san", "superlink", *nodes]) == 0
+    project = f"hdf{os.getpid()}"
+    compose = ["podman-compose", "-p", project, "-f", str(compose_file)]
+
+    def sh(cmd: list[str], timeout: float = 600) -> None:
+        subprocess.run(cmd, env=env, cwd=tmp_path, check=True, capture_output=True, timeout=timeout)
+
+    try:
+        sh([*compose, "up", "-d", "superlink"])
+        deadline = time.monotonic() + 120
+        probe = ["bash", "-c", f"echo > /dev/tcp/127.0.0.1/{port}"]
+        while subprocess.run(probe, capture_output=True).returncode:
+            assert time.monotonic() < deadline, "the SuperLink container did not open its port"
+            time.sleep(1)
+        time.sleep(3)  # the port is published before the SuperLink inside listens
+        connection = [str(BIN / "python"), str(ROOT / "deploy" / "connection.py"), "hdf-docker"]
+        sh([*connection, "--address", f"127.0.0.1:{port}", "--ca", str(tmp_path / "certs/ca.crt")])
+        for site in podman.SITES:
+            key = str(tmp_path / "certs" / "nodes" / f"{site}.pub")
+            assert _flwr_json(env, "supernode", "register", key, "hdf-docker").get("success")
+        sh([*compose, "up", "-d"])
+        cfg = f"overrides='{COMPOSE_OVERRIDES}' run-dir='/runs/fed'"
+        run_id = int(_flwr_json(env, "run", ".", "hdf-docker", "--run-config", cfg)["run-id"])
+        deadline, status = time.monotonic() + 900, ""
+        while not status.startswith("finished") and time.monotonic() < deadline:
+            time.sleep(5)
+            runs = _flwr_json(env, "ls", "hdf-docker", "--run-id", str(run_id))["runs"]
+            status = str(runs[0]["status"])
+        assert status == "finished:completed", f"{status}; container logs: {tmp_path / 'logs'}"
+        run_dir = podman.volume_path(project, "runs", env) / "fed"
+        rows = _rows(run_dir)
+        assert [r["round"] for r in rows] == [0, 1]
+        training = set(podman.SITES) - {HELDOUT}
+        assert set(rows[1]["train"]) == training and set(rows[1]["heldout"]) == {HELDOUT}
+        assert set(rows[1]["clients"]) == training and rows[1]["replied"] == 5
+        assert "heldout_eval: clients" in (run_dir / "config.yaml").read_text()
+    finally:  # every container's log kept in tmp_path/logs, then everything of `project` removed
+        (tmp_path / "logs").mkdir()
+        ps = ["podman", "ps", "-a", "--filter", f"label=io.podman.compose.project={project}"]
+        for name in subprocess.run(
+            [*ps, "--format", "{{.Names}}"], env=env, capture_output=True, text=True
+        ).stdout.split():
+            with open(tmp_path / "logs" / f"{name}.log", "w") as log:
+                subprocess.run(["podman", "logs", name], env=env, stdout=log, stderr=log)
+        subprocess.run([*compose, "down"], env=env, cwd=tmp_path, capture_output=True)
+        for kind in ("volume", "network"):
+            names = subprocess.run(
+                ["podman", kind, "ls", "-q"], env=env, capture_output=True, text=True
+            ).stdout.split()
+            mine = [n for n in names if n.startswith(f"{project}_")]
+            if mine:
+                subprocess.run(["podman", kind, "rm", "-f", *mine], env=env, capture_output=True)

@@ -213,6 +213,36 @@ def test_bad_settings_are_named(tmp_path) -> None:
         loso.plan([*BASE, "loso.jobs=0"])
 
 
+def test_runs_at_once_are_refused_on_a_ray_cluster(tmp_path, monkeypatch) -> None:
+    """Each run's client pool takes every CPU of a cluster, so runs at once would stall."""
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    with pytest.raises(ValueError, match=r"loso\.jobs=2 on the Ray cluster RAY_ADDRESS=10\.0\."):
+        loso.plan([*BASE, f"loso.root={tmp_path}", "loso.jobs=2"])
+    assert loso.plan([*BASE, f"loso.root={tmp_path}", "loso.jobs=1"]).jobs == 1
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(ValueError, match=r"simulation\.ray_address=10\.0\.0\.5:6379"):
+        loso.plan([*BASE, "simulation.ray_address=10.0.0.5:6379", "loso.jobs=2"])
+    assert loso.plan([*BASE, f"loso.root={tmp_path}", "loso.jobs=2"]).jobs == 2
+
+
+def test_parts_run_on_several_machines_fill_one_sweep(tmp_path) -> None:
+    """Machine A runs the studio part, machine B the others, into one shared loso.root; the full
+    command then launches nothing and reports on all six runs (docs/deploy.md)."""
+    uar = {(s, h, 0): 0.5 for s in ("fedavg", "dro") for h in SOURCES}
+    root = [*BASE, f"loso.root={tmp_path}"]
+    on_a: list = []
+    on_b: list = []
+    loso.main([*root, "loso.heldout=[studio]"], launcher=_fake_launcher(uar, on_a))
+    loso.main([*root, "loso.heldout=[webcam,movie]"], launcher=_fake_launcher(uar, on_b))
+    assert sorted(on_a + on_b) == sorted(uar)
+    assert {h for _, h, _ in on_a} == {"studio"}
+    again: list = []
+    assert loso.main(root, launcher=_fake_launcher(uar, again)) == 0
+    assert again == []
+    summary = json.loads((loso.plan(root).path / "summary.json").read_text())
+    assert set(summary["dro"]["heldout"]) == set(SOURCES)
+
+
 def test_concurrent_runs_share_the_cores(monkeypatch) -> None:
     assert loso.threads_per_job(2, cores=2) == 1
     assert loso.threads_per_job(2, cores=16) == 8

@@ -332,6 +332,10 @@ class SimulationConfig:
 
     num_cpus_per_client: float = 1
     num_gpus_per_client: float = 0.0
+    # host:port of a running Ray cluster's head (what `ray start --head` prints) to join instead of
+    # starting Ray here; clients then spread over all its nodes. null: $RAY_ADDRESS if set, else a
+    # local Ray with all cores (simulations/ray_cluster.py)
+    ray_address: str | None = None
 
 
 @dataclass
