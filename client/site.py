@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import socket
 import sys
@@ -95,16 +96,28 @@ def resolve_source(cfg: DictConfig, node_config: dict[str, Any]) -> tuple[Source
     )
 
 
+def site_threads(run: RunConfig, node_config: dict[str, Any]) -> int:
+    """Torch threads of a site: `train.threads`; else a simulated node's CPUs rounded down, at
+    least 1 (Ray's rule for OMP_NUM_THREADS); else every core of the machine.
+
+    Training rounds differently with the thread count, so a simulated site's count comes from
+    the config alone: a fraction such as 0.5 once meant every core, which made a run's numbers
+    depend on the machine it ran on.
+    """
+    if run.train.threads:
+        return int(run.train.threads)
+    if run.train.threads is None and "partition-id" in node_config:
+        return max(1, math.floor(run.simulation.num_cpus_per_client))
+    return os.cpu_count() or 1
+
+
 def get_site(cfg_yaml: str, node_config: dict[str, Any]) -> Site:
     """The cached site for this node and run config (built on first use)."""
     key = (config_key(cfg_yaml), repr(sorted(node_config.items())))
     if key not in _SITES:
         cfg = load(cfg_yaml, "the run config the server sent")
         run = settings(cfg)
-        threads = run.train.threads
-        if threads is None and "partition-id" in node_config:
-            threads = int(run.simulation.num_cpus_per_client)
-        torch.set_num_threads(int(threads or os.cpu_count() or 1))
+        torch.set_num_threads(site_threads(run, node_config))
         if run.deterministic:  # false leaves torch's defaults as they are
             set_deterministic(True)
         source, heldout = resolve_source(cfg, node_config)

@@ -77,6 +77,23 @@ def set_deterministic(flag: bool) -> None:
     torch.backends.cudnn.benchmark = not flag
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run a block with `count` torch intra-op threads, then restore the previous count.
+
+    CPU matmuls can round differently with the thread count (MKL splits the work by threads):
+    a result that must not depend on which process computed it, such as a data split written
+    to a shared cache, is computed with a fixed count. The count is per process: other threads
+    of the process run with it while the block lasts.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device) from one integer."""
     seed = int(seed)

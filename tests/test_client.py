@@ -150,3 +150,23 @@ def test_the_runs_weight_decay_reaches_the_clients_optimizer(cfg, monkeypatch) -
     msg, _ = _message(run, MessageType.TRAIN)
     app(msg, _context({"partition-id": 0, "num-partitions": 2}))
     assert used == [0.37]
+
+
+@pytest.mark.parametrize(
+    ("extra", "node_config", "threads"),
+    [
+        ((), {"partition-id": 0}, 1),  # the default: one CPU per simulated site
+        (("simulation.num_cpus_per_client=0.5",), {"partition-id": 0}, 1),  # not every core
+        (("simulation.num_cpus_per_client=2.5",), {"partition-id": 0}, 2),
+        (("train.threads=3",), {"partition-id": 0}, 3),
+        ((), {"source": "studio"}, 64),  # a deployed site: every core of its machine
+    ],
+)
+def test_site_threads_come_from_the_config(monkeypatch, extra, node_config, threads) -> None:
+    """Training rounds differently with the thread count: a simulated site's count is the
+    config's, never the machine's (this machine has 64 cores here)."""
+    import client.site
+
+    monkeypatch.setattr(client.site.os, "cpu_count", lambda: 64)
+    run = settings(compose(["experiment=tiny", *extra]))
+    assert client.site.site_threads(run, node_config) == threads

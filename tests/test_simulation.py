@@ -99,6 +99,41 @@ def test_one_exchange_per_round_gives_the_same_rows_and_model(tmp_path, monkeypa
         assert torch.equal(models[True][k], models[False][k]), k
 
 
+@pytest.mark.slow
+def test_two_deterministic_runs_write_the_same_bits(tmp_path) -> None:
+    """Two runs of one config from scratch, each generating its own data, write the same
+    metrics.jsonl lines (apart from `seconds`) and the same final model, wherever Ray runs the
+    sites: one CPU each (as many worker processes as cores allow) or one worker process serving
+    every site in turn with the same single thread."""
+    import os
+
+    layouts = {
+        "spread": (),
+        "one_process": (f"simulation.num_cpus_per_client={os.cpu_count() or 1}", "train.threads=1"),
+    }
+    lines, models = {}, {}
+    for name, extra in layouts.items():
+        cfg = compose(
+            [
+                "experiment=tiny",
+                SOURCES,
+                "data.heldout=[phone]",
+                f"data.root={tmp_path / name / 'cache'}",
+                f"output.root={tmp_path / name / 'runs'}",
+                "deterministic=true",
+                *extra,
+            ]
+        )
+        run = open_run(cfg)
+        simulate(cfg, run)
+        rows = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+        lines[name] = [json.dumps({k: v for k, v in r.items() if k != "seconds"}) for r in rows]
+        models[name] = read_checkpoint(run.path)[0]["model"]
+    assert len(lines["spread"]) == 3 and lines["spread"] == lines["one_process"]
+    for k, v in models["spread"].items():
+        assert torch.equal(v, models["one_process"][k]), k
+
+
 class Killed(RuntimeError):
     """The server process dying mid-run."""
 

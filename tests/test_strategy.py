@@ -241,11 +241,12 @@ def test_evaluate_replies_are_validated_and_never_overwrite_another_source() -> 
     ]
     s.aggregate_evaluate(3, replies)
     assert s.eval_by_source[0][K.LOSS] == 0.5 and set(s.eval_by_source) == {0}
+    # in (source, node) order, not arrival order: the empty reply has no source to read
     assert [(r["round"], r["kind"], r["node"]) for r in s.rejected] == [
-        (3, "evaluate", 11),
         (3, "evaluate", 12),
+        (3, "evaluate", 11),
     ]
-    assert s.rejected[0]["reason"] == "reports source 0 but registered as source 1"
+    assert s.rejected[1]["reason"] == "reports source 0 but registered as source 1"
     assert s.val_loss == {0: 0.5}
 
 
@@ -581,6 +582,46 @@ STRATEGY_FILES = sorted(p.stem for p in (CONF / "strategy").glob("*.yaml"))
 def test_every_strategy_file_names_a_registered_strategy() -> None:
     names = {compose([f"strategy={f}"]).strategy.name for f in STRATEGY_FILES}
     assert names == set(list_strategies())
+
+
+@pytest.mark.parametrize("conf", STRATEGY_FILES)
+def test_no_strategy_depends_on_reply_order(conf: str) -> None:
+    """Replies arrive in whatever order the sites finish. Every strategy gives the same bits in
+    any order: the mix (float32 sums are not associative: summed in another order, random
+    weights differ in the last bit almost everywhere), the lambdas, and the evaluation rows and
+    refusals in the order metrics.jsonl writes them."""
+    cfg = compose([f"strategy={conf}", "rounds=3"]).strategy
+    rng = np.random.default_rng(0)
+    ints = np.array(4, dtype=np.int64)
+    train = [
+        train_reply(
+            10 + s,
+            {"w": rng.standard_normal(256).astype(np.float32), "steps": ints},
+            source=s,
+            loss_before=1.0 + 0.5 * s,
+        )
+        for s in range(3)
+    ]
+    evals = [eval_reply(10 + s, source=s, loss=2.0 - 0.25 * s, uar=0.2 * (s + 1)) for s in range(3)]
+    evals.append(eval_reply(99, source=1, loss=1.0))  # an unknown node: refused
+    results = []
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        s = three_source_strategy(cfg, NAMES)
+        s.current_arrays = arrays_record({"w": np.zeros(256, np.float32), "steps": ints})
+        s.sample_training_nodes = lambda r, nodes: nodes  # DRFA: every source trains
+        s.aggregate_evaluate(0, [evals[i] for i in [*order, 3]][::-1])
+        arrays, _ = s.aggregate_train(1, [train[i] for i in order])
+        s.aggregate_evaluate(1, [evals[i] for i in [3, *order]])
+        results.append(
+            (
+                arrays["w"].numpy().tobytes(),
+                list(s.weights_by_source().items()),
+                list(s.eval_by_source.items()),
+                [r["node"] for r in s.rejected],
+            )
+        )
+    assert [r["kind"] for r in s.rejected] == ["evaluate", "evaluate"]  # node 99, twice
+    assert all(r == results[0] for r in results[1:])
 
 
 @pytest.mark.parametrize("conf", STRATEGY_FILES)

@@ -192,3 +192,23 @@ def test_preview_command_writes_png(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
     img = Image.open(out)
     assert img.width > 7 * 3 * 16 and img.height > 2 * 16
+
+
+def test_a_split_does_not_depend_on_the_thread_count_of_the_process() -> None:
+    """The cache holds whatever the first process to need a split generated: a simulated site
+    (one thread), the server scoring the held-out source or the pooled baseline (every core).
+    The blur's batched matmul rounds differently with 4 threads than with 1 (phone, 8 x 48 x
+    48, 64 clips: some pixels move by one level), so generation runs in one thread and the
+    process keeps its own count."""
+    before = torch.get_num_threads()
+    clips = {}
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            clips[threads], _ = generate(
+                PRESETS["phone"], "train", seed=0, num_frames=8, size=48, scale=0.2
+            )
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(clips[1], clips[4])

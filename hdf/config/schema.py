@@ -274,7 +274,9 @@ class TrainConfig:
     loss_before_clips: int = 64  # fixed sample of training clips scored before training (DRO)
     num_workers: int = 0  # data-loader worker processes (0 = in process)
     augment: bool = True  # random horizontal flip and crop jitter in training
-    threads: int | None = None  # torch threads of a site; null: the CPUs it was given (or all)
+    # torch threads of a site; null: a simulated site's CPUs rounded down (at least 1), a deployed
+    # site every core (training rounds differently with the count: client/site.py site_threads)
+    threads: int | None = None
 
 
 @dataclass

@@ -360,7 +360,9 @@ class SourceFedAvg(FedAvg):
     ) -> MetricRecord | None:
         self.eval_by_source = {}
         self.val_fresh = set()
-        for m in replies:
+        # (source, node) order, as in training: the round's row lists sources, and its refusals,
+        # in this order, so metrics.jsonl does not depend on which site answered first
+        for m in sorted(replies, key=_reply_order):
             if (why := evaluate_reply_problem(m, self.node_source)) is not None:
                 self.reject(server_round, m.metadata.src_node_id, why, "evaluate")
                 continue

@@ -18,7 +18,7 @@ import torch
 
 from hdf.data.source import SPLITS, SourceSet, TensorClipDataset, register_dataset
 from hdf.data.synthetic import cache
-from hdf.data.synthetic.generator import GENERATOR_VERSION, generate, split_size
+from hdf.data.synthetic.generator import GENERATOR_THREADS, GENERATOR_VERSION, generate, split_size
 from hdf.data.synthetic.presets import DEFAULT_SOURCES, PRESETS, Preset
 
 __all__ = [
@@ -51,6 +51,8 @@ def load_or_generate(
         "num_frames": int(num_frames),
         "size": int(size),
         "clips": split_size(preset, split, scale),
+        # files written before generation ran in a fixed thread count are not reused
+        "threads": GENERATOR_THREADS,
     }
     path = Path(root) / f"{preset.name}-{split}-{cache.cache_key(params)}.pt"
     hit = cache.load(path)

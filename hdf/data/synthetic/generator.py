@@ -26,11 +26,13 @@ from hdf.data.synthetic.expressions import (
 from hdf.data.synthetic.faces import background, render, sample_identities
 from hdf.data.synthetic.presets import Preset
 from hdf.data.synthetic.timing import frame_times
+from hdf.device import torch_threads
 from hdf.seeding import derive_seed
 
 # Bump whenever the generated pixels or labels change, so stale caches are never reused.
 GENERATOR_VERSION = "synthetic-v2"
 CHUNK = 16  # clips rendered per tensor batch (part of the random stream: keep fixed)
+GENERATOR_THREADS = 1  # torch threads while rendering: the pixels depend on it (in cache keys)
 
 
 def split_size(preset: Preset, split: str, scale: float) -> int:
@@ -140,7 +142,9 @@ def generate(
     pool = sample_identities(preset.population, n_people, g)
     person = torch.randint(0, n_people, (n,), generator=g)
     out = torch.empty(n, num_frames, 3, size, size, dtype=torch.uint8)
-    with torch.no_grad():
+    # one thread: the blur's batched matmul rounds differently with more (4 threads changed
+    # phone's pixels), and a split must not depend on the process that generated it first
+    with torch.no_grad(), torch_threads(GENERATOR_THREADS):
         for k, start in enumerate(range(0, n, CHUNK)):
             sl = slice(start, min(start + CHUNK, n))
             gk = torch.Generator().manual_seed(derive_seed(base, "chunk", k))
