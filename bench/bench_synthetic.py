@@ -1,7 +1,10 @@
-"""Generation speed of the synthetic benchmark: clips per second, no cache, fixed threads.
+"""Generation speed of the synthetic benchmark: clips per second, no cache.
 
-    python bench/bench_synthetic.py                 # 2 threads, T=8, 48x48, every default source
-    python bench/bench_synthetic.py --threads 1 --scale 0.25
+    python bench/bench_synthetic.py                 # T=8, 48x48, every default source
+    python bench/bench_synthetic.py --scale 0.25
+
+Generation always runs in one torch thread (GENERATOR_THREADS: a split must not depend on the
+thread count of the process that generated it first), so there is no thread option.
 
 Prints one JSON object: overall and per-source clips per second (rendering, camera and JPEG
 emulation included; the cache would make repeated loads free).
@@ -13,19 +16,16 @@ import argparse
 import json
 import time
 
-import torch
-
 from hdf.data.synthetic import DEFAULT_SOURCES, PRESETS, generate
+from hdf.data.synthetic.generator import GENERATOR_THREADS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scale", type=float, default=0.5, help="share of each train split")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=48)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     # warm-up: first-call allocations and kernel selection are not generation speed
     generate(PRESETS["studio"], "val", seed=99, num_frames=args.frames, size=args.size, scale=0.1)
     per_source, total_clips, total_s = {}, 0, 0.0
@@ -46,7 +46,7 @@ def main() -> None:
                 "per_source_clips_per_s": per_source,
                 "clips": total_clips,
                 "seconds": round(total_s, 3),
-                "threads": args.threads,
+                "threads": GENERATOR_THREADS,
                 "num_frames": args.frames,
                 "size": args.size,
             }
