@@ -26,7 +26,7 @@ from hdf.data import build_sources, split_sources
 from hdf.device import seed_everything, set_deterministic
 from hdf.evaluate import summarize
 from hdf.models import build_model
-from hdf.optim.schedule import round_lr
+from hdf.optim.schedule import lr_of_round
 from hdf.runfolder.folder import RunFolder, rng_state, set_rng_state
 from hdf.runfolder.report import format_row
 from hdf.runfolder.selection import BestModel
@@ -136,13 +136,6 @@ def is_simulation(claims: Claims) -> bool:
     """Every node reported the same simulated federation size and all of them answered."""
     partitions = {v["partitions"] for v in claims.values()}
     return len(partitions) == 1 and 0 not in partitions and len(claims) >= min(partitions)
-
-
-def lr_of_round(cfg: DictConfig, server_round: int) -> float:
-    """The clients' learning rate in `server_round` (warm-up then cosine over the rounds)."""
-    t = cfg.train
-    warmup, floor = int(t.warmup_rounds), float(t.round_min_lr_ratio)
-    return round_lr(float(t.lr), server_round, int(cfg.rounds), warmup, floor)
 
 
 class Federation:
@@ -378,7 +371,7 @@ class Federation:
         )
         nodes, refused_claims, replaced = self._bind(claims)
         self._register(nodes, {**refused, **refused_claims}, replaced, server_round)
-        self.train_config[K.LR] = lr_of_round(self.cfg, server_round)
+        self.train_config[K.LR] = lr_of_round(self.cfg.train, server_round, int(self.cfg.rounds))
         msgs = list(
             self.strategy.configure_train(server_round, self.arrays, self.train_config, self.grid)
         )
