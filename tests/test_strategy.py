@@ -19,7 +19,7 @@ from server.strategy import (
     build_strategy,
     list_strategies,
 )
-from server.strategy.dro_math import update_lambda
+from server.strategy.dro_math import DRO_MODES, DROMode, register_mode, update_lambda
 from tests.fedmock import (
     FakeGrid,
     arrays_record,
@@ -625,6 +625,41 @@ def test_every_strategy_runs_two_rounds_and_resumes(conf: str, tmp_path) -> None
     a, _ = s.aggregate_train(3, replies)
     b, _ = t.aggregate_train(3, replies)
     np.testing.assert_array_equal(a["w"].numpy(), b["w"].numpy())
+
+
+def test_a_new_dro_mode_is_one_function_and_one_preset(tmp_path, monkeypatch) -> None:
+    """A toy mode registered here (weights proportional to the losses) and a preset written to
+    a tmp config folder: composed by name, built by build_strategy, run for a round. Losses
+    (1, 2, 3), eps 0, cap 1, max_step 1: lambda = (1, 2, 3) / 6 and the mix of w = (0, 1, 2)
+    is 2/6 + 6/6 = 4/3; the evaluation reports those weights for the row's lambda."""
+    monkeypatch.setattr(DRO_MODES, "_items", dict(DRO_MODES))  # the toy leaves with the test
+
+    def proportional_step(lam, losses, mask, prior, settings):
+        return losses / losses.sum()
+
+    register_mode("toy", DROMode(proportional_step))
+    (tmp_path / "strategy").mkdir()
+    (tmp_path / "strategy" / "dro_toy.yaml").write_text(
+        "defaults:\n  - dro\n  - _self_\ndro:\n  mode: toy\n  eps: 0.0\n  cap: 1.0\n"
+        "  max_step: 1.0\n"
+    )
+    cfg = compose([f"hydra.searchpath=[file://{tmp_path}]", "strategy=dro_toy"]).strategy
+    s = three_source_strategy(cfg, NAMES)
+    assert isinstance(s, DRO) and s.mode == "toy"
+    s.current_arrays = arrays_record(GLOBAL)
+    out = _round(s, 1, [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(s.lam, [1 / 6, 2 / 6, 3 / 6])
+    np.testing.assert_allclose(out.arrays["w"].numpy(), np.full((2, 2), 4 / 3), rtol=1e-6)
+    scored = s.evaluate_round(1, [eval_reply(10 + i, source=i, loss=1.0) for i in range(3)])
+    assert scored.weights == pytest.approx({0: 1 / 6, 1: 2 / 6, 2: 3 / 6})
+
+
+@pytest.mark.parametrize("cls", [SourceFedAvg, DRO])
+@pytest.mark.parametrize("name", ["weighted_by_key", "min_available_nodes", "fraction_trian"])
+def test_unknown_strategy_arguments_are_refused_by_name(cls, name) -> None:
+    """FedAvg's own options do nothing here, and a typo must not pass silently."""
+    with pytest.raises(TypeError, match=name):
+        cls(train_sources=[0], source_names={0: "a"}, **{name: 1})
 
 
 def test_fedbn_client_keeps_its_norm_layers_across_rounds() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from typing import Any
 
 from hdf.config.tree import group_node
@@ -57,15 +58,8 @@ def _fedprox(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
 @register_strategy("dro")
 def _dro(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
     d = cfg["dro"]
-    settings = DROSettings(
-        eta=float(d["eta"]),
-        eps=float(d["eps"]),
-        cap=float(d["cap"]),
-        loss_clip=float(d["loss_clip"]),
-        tau=float(d["tau"]),
-        alpha=float(d["alpha"]),
-        max_step=float(d["max_step"]),
-    )
+    # every numeric setting a mode reads: a new one is a schema key plus a DROSettings field
+    settings = DROSettings(**{f.name: float(d[f.name]) for f in fields(DROSettings)})
     return DRO(
         mode=str(d["mode"]),
         settings=settings,
