@@ -126,6 +126,7 @@ class Evaluation(NamedTuple):
 
     head: dict[str, Any]  # lambda, train, heldout, and heldout_adapted when adaptation is on
     rejected: list[dict[str, Any]]  # the evaluate replies refused
+    flagged: list[dict[str, Any]]  # the numbers the evaluation replaced
 
 
 def is_simulation(claims: Claims) -> bool:
@@ -359,7 +360,9 @@ class Federation:
         head = {"lambda": lam, "train": train, "heldout": held}
         if adapted:  # `heldout_adapted` ({method: {source: scores}}), when adaptation is on
             head["heldout_adapted"] = adapted
-        return Evaluation(head, [r.row() for r in result.rejected])
+        return Evaluation(
+            head, [r.row() for r in result.rejected], [f.row() for f in result.flagged]
+        )
 
     def round(self, server_round: int) -> dict[str, Any]:
         """Train once. With a pending evaluation (`server.eval_in_train`, the previous round's
@@ -438,7 +441,7 @@ class Federation:
         """Complete a round's row with its evaluation and write it (metrics.jsonl, tracker,
         console), checkpoint that round and offer its model to best.pt. The keys and their
         order are the same whether the evaluation came apart or folded into the next round;
-        `rejected` lists the round's query and train refusals, then its evaluate ones."""
+        `rejected` and `flagged` list the round's query and training ones, then its evaluation's."""
         r = int(row["round"])
         tail = {k: row[k] for k in ("clients", "sent", "replied") if k in row}
         kept = {k: row[k] for k in ("kept_previous_model",) if k in row}
@@ -447,7 +450,7 @@ class Federation:
             **evaluation.head,
             **tail,
             "rejected": row["rejected"] + evaluation.rejected,
-            "flagged": row["flagged"],
+            "flagged": row["flagged"] + evaluation.flagged,
             **kept,
             "seconds": row["seconds"],
         }

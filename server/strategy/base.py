@@ -431,7 +431,7 @@ class SourceFedAvg(FedAvg):
             if K.LOSS_BALANCED in metrics:
                 self.val_loss_balanced[src] = metrics[K.LOSS_BALANCED]
         self.evaluated(server_round, by_source)
-        rejected, _ = self._refusals()
+        rejected, flagged = self._refusals()
         train_rows = [v for s, v in by_source.items() if s in self.train_sources]
         summary = (
             MetricRecord(
@@ -443,7 +443,7 @@ class SourceFedAvg(FedAvg):
             if train_rows
             else None
         )
-        return EvaluateRound(by_source, rejected, self.weights_by_source(), summary)
+        return EvaluateRound(by_source, rejected, flagged, self.weights_by_source(), summary)
 
     # ---- checkpointed state -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -70,7 +70,7 @@ class EvaluateRound:
 
     by_source : each source whose reply was accepted -> its checked metrics (plain scores, and
         a held-out site's complete, in-range `adapted-<method>-` scores).
-    rejected : this aggregation's refused replies.
+    rejected, flagged : this aggregation's refused replies and replaced numbers.
     weights : each training source's mixing weight after this evaluation (what `lambda`
         logs; FedDG-GA moves its weights here, the others in training).
     summary : validation UAR mean and worst (Flower's `aggregate_evaluate` returns it).
@@ -78,6 +78,7 @@ class EvaluateRound:
 
     by_source: dict[int, dict[str, float]]
     rejected: tuple[Rejection, ...]
+    flagged: tuple[Flag, ...]
     weights: dict[int, float]
     summary: MetricRecord | None = None
 
