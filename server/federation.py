@@ -8,10 +8,9 @@ a checkpoint, round-0 evaluation and per-source logging possible (Flower has no 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -26,7 +25,7 @@ from hdf.data import build_sources, split_sources
 from hdf.device import seed_everything, set_deterministic
 from hdf.evaluate import summarize
 from hdf.models import build_model
-from hdf.optim.schedule import round_lr
+from hdf.optim.schedule import lr_of_round
 from hdf.runfolder.folder import RunFolder, rng_state, set_rng_state
 from hdf.runfolder.report import format_row
 from hdf.runfolder.selection import BestModel
@@ -36,6 +35,7 @@ from server.exchange import send_and_receive
 from server.heldout import HeldoutEvaluator
 from server.identity import SourceBinding, load_registry
 from server.strategy import ServerOptimizer, ServerOptSettings, SourceFedAvg, build_strategy
+from server.strategy.rounds import Rejection
 from server.validation import query_reply
 
 log = logging.getLogger(__name__)
@@ -89,19 +89,12 @@ def discover_nodes(
         time.sleep(1.0)
 
 
-def eval_row(metrics: dict[str, float], prefix: str = "") -> dict[str, Any] | None:
-    """A source's evaluate reply as a metrics.jsonl row (loss, uar, war, recall; -1 recall is an
-    absent class); `prefix` selects the adapted scores. None when the reply lacks them or they
-    are out of range (a reply is untrusted)."""
-    try:
-        row = {k: float(metrics[prefix + k]) for k in (K.LOSS, K.UAR, K.WAR)}
-        recall = [float(metrics[f"{prefix}{K.RECALL_PREFIX}{c}"]) for c in range(NUM_CLASSES)]
-    except KeyError:
-        return None
-    ok = math.isfinite(row[K.LOSS]) and all(0.0 <= row[k] <= 1.0 for k in (K.UAR, K.WAR))
-    if not ok or not all(r == -1.0 or 0.0 <= r <= 1.0 for r in recall):
-        log.warning("evaluate reply with out-of-range %sscores ignored: %s", prefix, row)
-        return None
+def eval_row(metrics: dict[str, float], prefix: str = "") -> dict[str, Any]:
+    """A source's checked evaluate metrics (`server.validation.evaluate_metrics`) as a
+    metrics.jsonl row: loss, uar, war, and recall with None for an absent class (-1);
+    `prefix` selects the scores after an adaptation (`adapted-<method>-`)."""
+    row: dict[str, Any] = {k: metrics[prefix + k] for k in (K.LOSS, K.UAR, K.WAR)}
+    recall = [metrics[f"{prefix}{K.RECALL_PREFIX}{c}"] for c in range(NUM_CLASSES)]
     row["recall"] = [None if r < 0 else r for r in recall]
     return row
 
@@ -113,36 +106,33 @@ def eval_rows(
     methods: list[str],
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
     """(training sources' rows, held-out sources' rows, {method: held-out rows after adaptation})
-    from the evaluate replies by source; only the configured `methods` are read."""
+    from the checked evaluate metrics by source; only the configured `methods` are read."""
     train: dict[str, Any] = {}
     held: dict[str, Any] = {}
     adapted: dict[str, dict[str, Any]] = {}
     for src, m in by_source.items():
-        row = eval_row(m)
-        if row is None:
-            continue
         if src in train_sources:
-            train[names[src]] = row
+            train[names[src]] = eval_row(m)
             continue
-        held[names[src]] = row
-        for method in methods:  # an evaluation-only site's scores after adaptation
-            scored = eval_row(m, K.adapted_key(method, ""))
-            if scored is not None:
-                adapted.setdefault(method, {})[names[src]] = scored
+        held[names[src]] = eval_row(m)
+        for method in methods:  # an evaluation-only site's scores after adaptation, if sent
+            if K.adapted_key(method, K.UAR) in m:
+                adapted.setdefault(method, {})[names[src]] = eval_row(m, K.adapted_key(method, ""))
     return train, held, adapted
+
+
+class Evaluation(NamedTuple):
+    """The evaluation part of a round's row."""
+
+    head: dict[str, Any]  # lambda, train, heldout, and heldout_adapted when adaptation is on
+    rejected: list[dict[str, Any]]  # the evaluate replies refused
+    flagged: list[dict[str, Any]]  # the numbers the evaluation replaced
 
 
 def is_simulation(claims: Claims) -> bool:
     """Every node reported the same simulated federation size and all of them answered."""
     partitions = {v["partitions"] for v in claims.values()}
     return len(partitions) == 1 and 0 not in partitions and len(claims) >= min(partitions)
-
-
-def lr_of_round(cfg: DictConfig, server_round: int) -> float:
-    """The clients' learning rate in `server_round` (warm-up then cosine over the rounds)."""
-    t = cfg.train
-    warmup, floor = int(t.warmup_rounds), float(t.round_min_lr_ratio)
-    return round_lr(float(t.lr), server_round, int(cfg.rounds), warmup, floor)
 
 
 class Federation:
@@ -176,7 +166,6 @@ class Federation:
         server_eval = str(cfg.server.heldout_eval) == "server"
         self.heldout_eval = HeldoutEvaluator(cfg, self.heldout_sources) if server_eval else None
         self.adapt_methods = check_methods(cfg.server.heldout_adapt)
-        self.heldout_adapted: dict[str, dict[str, Any]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heldout-eval")
         expected = len(self.train_sources) + (0 if server_eval else len(self.heldout_sources))
         claims, refused = discover_nodes(
@@ -208,7 +197,9 @@ class Federation:
             loss_tolerance=float(cfg.server.loss_tolerance),
             wire=wire,
         )
-        self._register(nodes, {**refused, **refused_claims}, [], server_round=0)
+        # nodes whose query reply was refused (asked again only under a new node id)
+        self.refused_nodes: set[int] = set()
+        refused_first = self._register(nodes, {**refused, **refused_claims}, [], server_round=0)
         missing = {s.name for s in self.train_sources} - {
             self.names[v["source"]] for v in nodes.values() if not v["heldout"]
         }
@@ -236,6 +227,14 @@ class Federation:
         self.tracker = Tracker(cfg, run)
         self.best = BestModel(run.path, self.cfg_yaml)
         self.start_round = 1
+        self.train_indices = {s.index for s in self.train_sources}
+        # round 0's row, waiting for the evaluation of the initial model
+        self.initial: dict[str, Any] = {
+            "round": 0,
+            "rejected": [r.row() for r in refused_first],
+            "flagged": [],
+            "seconds": 0.0,
+        }
         # a round's row waiting for the evaluation of its model (`server.eval_in_train`)
         self.pending: dict[str, Any] | None = None
 
@@ -265,14 +264,20 @@ class Federation:
 
     def _register(
         self, nodes: Claims, refused: dict[int, str], replaced: list[int], server_round: int
-    ) -> None:
+    ) -> list[Rejection]:
+        """Tell the strategy which node serves what; the refused query replies, for the row
+        (their nodes have no registered source)."""
         for node in replaced:
             log.warning("node %s no longer serves its source: a new node took it over", node)
             self.strategy.forget_node(node)
         for node, v in nodes.items():
             self.strategy.register_node(node, v["source"], bool(v["heldout"]), v["clips"])
+        out = []
         for node, why in refused.items():
-            self.strategy.reject(server_round, node, why, "query")
+            log.warning("round %d: rejected query reply from node %s: %s", server_round, node, why)
+            self.refused_nodes.add(node)
+            out.append(Rejection(server_round, "query", node, None, why))
+        return out
 
     # ---- resume ------------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -323,9 +328,8 @@ class Federation:
             return None
         return self._pool.submit(self.heldout_eval.score, self.arrays)
 
-    def evaluate(self, server_round: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(per training source val metrics, per held-out source test metrics) of the current
-        model, from an evaluate exchange of its own.
+    def evaluate(self, server_round: int) -> Evaluation:
+        """The evaluation of the current model, from an evaluate exchange of its own.
 
         The server scores its held-out sources in a thread while the clients evaluate, so the
         round waits for the slower of the two instead of their sum.
@@ -338,26 +342,27 @@ class Federation:
 
     def scores(
         self, server_round: int, replies: list[Message], scoring: Future | None
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The rows of a round's evaluate replies and the server's own held-out scores."""
-        self.strategy.aggregate_evaluate(server_round, replies)
-        train, held, self.heldout_adapted = eval_rows(
-            self.strategy.eval_by_source,
-            set(self.strategy.train_sources),
-            self.names,
-            self.adapt_methods,
+    ) -> Evaluation:
+        """A round's evaluate replies, as the strategy checked them, and the server's own
+        held-out scores: the evaluation part of the round's row."""
+        result = self.strategy.evaluate_round(server_round, replies)
+        train, held, adapted = eval_rows(
+            result.by_source, self.train_indices, self.names, self.adapt_methods
         )
         if scoring is not None:
-            plain, adapted = scoring.result()
+            plain, by_method = scoring.result()
             for name, stats in plain.items():
                 held[name] = summarize(stats)
-            for method, by_source in adapted.items():
-                self.heldout_adapted[method] = {n: summarize(s) for n, s in by_source.items()}
-        return train, held
-
-    def adapted_entry(self) -> dict[str, Any]:
-        """The row's `heldout_adapted` ({method: {source: scores}}), when adaptation is on."""
-        return {"heldout_adapted": self.heldout_adapted} if self.heldout_adapted else {}
+            for method, by_source in by_method.items():
+                adapted[method] = {n: summarize(s) for n, s in by_source.items()}
+        # after the evaluation: FedDG-GA moves its weights there; DRO and FedAvg only in training
+        lam = {self.names[s]: w for s, w in result.weights.items()}
+        head = {"lambda": lam, "train": train, "heldout": held}
+        if adapted:  # `heldout_adapted` ({method: {source: scores}}), when adaptation is on
+            head["heldout_adapted"] = adapted
+        return Evaluation(
+            head, [r.row() for r in result.rejected], [f.row() for f in result.flagged]
+        )
 
     def round(self, server_round: int) -> dict[str, Any]:
         """Train once. With a pending evaluation (`server.eval_in_train`, the previous round's
@@ -367,49 +372,50 @@ class Federation:
         round's row, pending its evaluation when it will come in the next exchange."""
         t0 = time.monotonic()
         # sites that (re)joined since the last round get new node ids: ask them who they are
-        known = {r["node"] for r in self.strategy.rejected if r["kind"] == "query"}
         new = [
             n
             for n in self.grid.get_node_ids()
-            if n not in self.strategy.node_source and n not in known
+            if not self.strategy.knows(n) and n not in self.refused_nodes
         ]
         claims, refused = query_nodes(
             self.grid, self.cfg_yaml, new, self.heldout_indices, self.num_sources
         )
         nodes, refused_claims, replaced = self._bind(claims)
-        self._register(nodes, {**refused, **refused_claims}, replaced, server_round)
-        self.train_config[K.LR] = lr_of_round(self.cfg, server_round)
+        refusals = self._register(nodes, {**refused, **refused_claims}, replaced, server_round)
+        self.train_config[K.LR] = lr_of_round(self.cfg.train, server_round, int(self.cfg.rounds))
         msgs = list(
             self.strategy.configure_train(server_round, self.arrays, self.train_config, self.grid)
         )
         folded = self._fold_evaluation(msgs) if self.pending is not None else None
         if self.pending is not None and folded is None:  # not foldable: evaluate on its own
-            self.finish(self.pending, *self.evaluate(self.pending["round"]))
+            self.finish(self.pending, self.evaluate(self.pending["round"]))
         sent = msgs + (folded[0] if folded else [])
         replies = self.exchange(sent)
         train_replies = [m for m in replies if m.metadata.message_type == MessageType.TRAIN]
         if folded is not None and self.pending is not None:
             evals = [m for m in replies if m.metadata.message_type == MessageType.EVALUATE]
             evals += [evaluation_of(m) for m in train_replies]
-            self.finish(self.pending, *self.scores(self.pending["round"], evals, folded[1]))
-        new_arrays, _ = self.strategy.aggregate_train(server_round, train_replies)
-        kept = new_arrays is None
-        if not kept:
-            self.arrays = new_arrays
+            self.finish(self.pending, self.scores(self.pending["round"], evals, folded[1]))
+        trained = self.strategy.train_round(server_round, train_replies)
+        kept = trained.arrays is None
+        if trained.arrays is not None:
+            self.arrays = trained.arrays
         reports = {
             self.names[src]: {
                 "loss_before": r[K.LOSS_BEFORE],
                 "train_loss": r[K.TRAIN_LOSS],
                 "train_uar": r.get(K.TRAIN_UAR),
-                "update_norm": self.strategy.update_norm.get(src),
+                "update_norm": trained.update_norm[src],
             }
-            for src, r in self.strategy.train_by_source.items()
+            for src, r in trained.by_source.items()
         }
         return {
             "round": server_round,
             "clients": reports,
             "sent": len(msgs),
             "replied": len(train_replies),
+            "rejected": [r.row() for r in (*refusals, *trained.rejected)],
+            "flagged": [f.row() for f in trained.flagged],
             "kept_previous_model": kept,
             "seconds": time.monotonic() - t0,
         }
@@ -431,21 +437,20 @@ class Federation:
         rest = [m for m in evals if m.metadata.dst_node_id not in trainers]
         return rest, self.start_scoring()
 
-    def finish(self, row: dict[str, Any], train: dict[str, Any], held: dict[str, Any]) -> None:
+    def finish(self, row: dict[str, Any], evaluation: Evaluation) -> None:
         """Complete a round's row with its evaluation and write it (metrics.jsonl, tracker,
         console), checkpoint that round and offer its model to best.pt. The keys and their
-        order are the same whether the evaluation came apart or folded into the next round."""
+        order are the same whether the evaluation came apart or folded into the next round;
+        `rejected` and `flagged` list the round's query and training ones, then its evaluation's."""
         r = int(row["round"])
-        # after the evaluation: FedDG-GA moves its weights there; DRO and FedAvg only in training
-        lam = {self.names[s]: w for s, w in self.strategy.weights_by_source().items()}
-        head = {"round": r, "lambda": lam, "train": train, "heldout": held}
         tail = {k: row[k] for k in ("clients", "sent", "replied") if k in row}
         kept = {k: row[k] for k in ("kept_previous_model",) if k in row}
         done = {
-            **head,
-            **self.adapted_entry(),
+            "round": r,
+            **evaluation.head,
             **tail,
-            **self._refusals(r),
+            "rejected": row["rejected"] + evaluation.rejected,
+            "flagged": row["flagged"] + evaluation.flagged,
             **kept,
             "seconds": row["seconds"],
         }
@@ -456,17 +461,6 @@ class Federation:
         self.checkpoint(r)
         self.best.offer(done, self.arrays.to_torch_state_dict)
 
-    def initial_row(self) -> dict[str, Any]:
-        """Round 0: the initial model, evaluated now or (folded) in round 1's exchange."""
-        return {"round": 0, "seconds": 0.0}
-
-    def _refusals(self, server_round: int) -> dict[str, list[dict[str, Any]]]:
-        """The round's rejected replies and flagged numbers, as metrics.jsonl logs them."""
-        return {
-            "rejected": [r for r in self.strategy.rejected if r["round"] == server_round],
-            "flagged": [f for f in self.strategy.flagged if f["round"] == server_round],
-        }
-
     def show(self, row: dict[str, Any]) -> None:
         self.console.print(format_row(row, int(self.cfg.rounds)))
 
@@ -474,26 +468,26 @@ class Federation:
     def run_all(self) -> list[dict[str, Any]]:
         fold = bool(self.cfg.server.eval_in_train)
         if not self.restore():
-            self.pending = self.initial_row()
+            self.pending = self.initial
             if not fold:
                 t0 = time.monotonic()
-                train, held = self.evaluate(0)
+                evaluation = self.evaluate(0)
                 self.pending["seconds"] = time.monotonic() - t0
-                self.finish(self.pending, train, held)
+                self.finish(self.pending, evaluation)
         for r in range(self.start_round, int(self.cfg.rounds) + 1):
             row = self.round(r)
             if fold:
                 self.pending = row
             else:
                 t0 = time.monotonic()
-                train, held = self.evaluate(r)
+                evaluation = self.evaluate(r)
                 row["seconds"] += time.monotonic() - t0
-                self.finish(row, train, held)
+                self.finish(row, evaluation)
         if self.pending is not None:  # the last model's evaluation: one exchange of its own
             t0 = time.monotonic()
-            train, held = self.evaluate(self.pending["round"])
+            evaluation = self.evaluate(self.pending["round"])
             self.pending["seconds"] += time.monotonic() - t0
-            self.finish(self.pending, train, held)
+            self.finish(self.pending, evaluation)
         self._pool.shutdown()
         self.tracker.finish()
         self.run.mark_done()

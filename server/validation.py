@@ -87,14 +87,14 @@ TRAIN_OPTIONAL: Spec = {
     K.TRAIN_WAR: SHARE,
     K.SKIPPED_CLIPS: Bound(0.0, integer=True),
 }
-EVAL_REQUIRED: Spec = {
-    K.NUM_EXAMPLES: COUNT,
-    K.SOURCE_INDEX: INDEX,
+# the scores of one model on one split, as a metrics.jsonl row shows them
+SCORES: Spec = {
     K.LOSS: LOSS,
     K.UAR: SHARE,
     K.WAR: SHARE,
     **{f"{K.RECALL_PREFIX}{c}": RECALL for c in range(NUM_CLASSES)},
 }
+EVAL_REQUIRED: Spec = {K.NUM_EXAMPLES: COUNT, K.SOURCE_INDEX: INDEX, **SCORES}
 EVAL_OPTIONAL: Spec = {K.LOSS_BALANCED: LOSS}
 QUERY_REQUIRED: Spec = {K.SOURCE_INDEX: INDEX, K.NUM_EXAMPLES: COUNT, K.HELDOUT: FLAG}
 QUERY_OPTIONAL: Spec = {K.NUM_PARTITIONS: Bound(0.0, integer=True)}
@@ -197,6 +197,33 @@ def evaluate_reply_problem(msg: Message, node_source: dict[int, int]) -> str | N
     if (why := check_metrics(metrics, EVAL_REQUIRED, EVAL_OPTIONAL)) is not None:
         return why
     return _source_problem(msg, int(metrics[K.SOURCE_INDEX]), node_source)
+
+
+def adapted_spec(method: str) -> Spec:
+    """A held-out site's scores after test-time adaptation `method` (`adapted-<method>-<key>`),
+    bounded as the plain ones."""
+    return {K.adapted_key(method, k): bound for k, bound in SCORES.items()}
+
+
+def adapted_methods(metrics: MetricRecord) -> list[str]:
+    """The adaptation methods an evaluate reply holds any `adapted-<method>-` key of."""
+    keys = [k for k in metrics if k.startswith(K.ADAPTED_PREFIX)]
+    return sorted({k[len(K.ADAPTED_PREFIX) :].split("-", 1)[0] for k in keys})
+
+
+def evaluate_metrics(metrics: MetricRecord) -> tuple[dict[str, float], dict[str, str]]:
+    """(the checked numbers of an evaluate reply `evaluate_reply_problem` accepted, {method: why
+    its adapted scores were left out}). A method's adapted scores are kept only when all of
+    them are there and in range; a bad set drops itself, not the reply's plain scores."""
+    specs = [EVAL_REQUIRED, EVAL_OPTIONAL]
+    dropped: dict[str, str] = {}
+    for method in adapted_methods(metrics):
+        spec = adapted_spec(method)
+        if (why := check_metrics(metrics, spec)) is None:
+            specs.append(spec)
+        else:
+            dropped[method] = why
+    return known_metrics(metrics, *specs), dropped
 
 
 def query_reply(msg: Message, heldout_sources: set[int], num_sources: int) -> dict[str, int] | str:

@@ -29,13 +29,13 @@ from hdf.data import ConcatClipDataset, Source, build_sources, split_sources
 from hdf.device import resolve_device, seed_everything, set_deterministic
 from hdf.evaluate import evaluate, summarize
 from hdf.models import HDFNet, build_model
+from hdf.optim.schedule import lr_of_round
 from hdf.runfolder.folder import RunFolder, discarded_unless_trained
 from hdf.runfolder.report import format_row, write_report
 from hdf.runfolder.selection import BestModel
 from hdf.runfolder.tracking import Tracker
 from hdf.seeding import round_seed
 from hdf.train import train_local
-from server.federation import lr_of_round
 from simulations.cli import command
 
 
@@ -95,7 +95,7 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
                 settings,
                 device,
                 epochs=int(cfg.train.local_epochs),
-                lr=lr_of_round(cfg, r),
+                lr=lr_of_round(settings.train, r, settings.rounds),
                 seed=round_seed(int(cfg.seed), r),
                 optimizer_state=optimizer_state,
             )

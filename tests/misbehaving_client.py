@@ -15,6 +15,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import app as honest
+from client.wire import received, reply_records
 from hdf import contract as K
 
 # (partition id, "train" | "evaluate" | "query", server round or None) -> misbehaviour name
@@ -46,8 +47,19 @@ def _set(key: str, fn: Callable[[float], float]) -> Callable[[RecordDict, int], 
 
 
 def _set_arrays(fn: Callable[[ArrayRecord], ArrayRecord]) -> Callable[[RecordDict, int], None]:
+    """Tamper with the model a reply carries; a packed reply (the default wire) is unpacked,
+    tampered with and packed again as the site packs, so the lie reaches the server's checks
+    (scaling the packed uint8 buffer would change nothing: it is not a float array)."""
+
     def apply(content: RecordDict, other: int) -> None:
-        content[K.ARRAYS] = fn(content[K.ARRAYS])
+        if K.LAYOUT not in content.config_records:
+            content[K.ARRAYS] = fn(content[K.ARRAYS])
+            return
+        got = received(content)
+        if got.wire != "float32":  # a 16-bit reply holds deltas, not the model
+            raise ValueError(f"the misbehaving client tampers float32 replies, got {got.wire}")
+        model = ArrayRecord({k: Array(v.numpy()) for k, v in got.state.items()})
+        content.update(reply_records(fn(model).to_torch_state_dict(), got))
 
     return apply
 
@@ -102,26 +114,41 @@ def misbehaving_app(plan: Plan, other_source: Callable[[int], int]) -> ClientApp
             raise ValueError(f"unknown misbehaviour {name!r}; known: {sorted(MISBEHAVIOURS)}")
     app = ClientApp()
 
-    def tamper(kind: str, reply: Message, msg: Message, context: Context) -> Message:
+    def tamper(kind: str, rnd: int, content: RecordDict, context: Context) -> None:
         pid = int(context.node_config["partition-id"])
-        rnd = int(msg.content[K.CONFIG].get(K.SERVER_ROUND, 0)) if kind != "query" else 0
         name = plan.get((pid, kind, rnd)) or plan.get((pid, kind, None))
         if name is not None:
-            own = int(reply.content[K.METRICS][K.SOURCE_INDEX])
-            MISBEHAVIOURS[name](reply.content, other_source(own))
-        return reply
+            own = int(content[K.METRICS][K.SOURCE_INDEX])
+            MISBEHAVIOURS[name](content, other_source(own))
+
+    def round_of(msg: Message) -> int:
+        return int(msg.content[K.CONFIG].get(K.SERVER_ROUND, 0))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return tamper("train", honest.train(msg, context), msg, context)
+        reply = honest.train(msg, context)
+        if not reply.has_error() and K.EVAL_METRICS in reply.content.metric_records:
+            # one exchange a round: the received model's (round r - 1) scores ride in the reply
+            folded = RecordDict({K.METRICS: reply.content[K.EVAL_METRICS]})
+            tamper("evaluate", round_of(msg) - 1, folded, context)
+            if K.METRICS in folded.metric_records:
+                reply.content[K.EVAL_METRICS] = folded[K.METRICS]
+            else:
+                del reply.content[K.EVAL_METRICS]
+        tamper("train", round_of(msg), reply.content, context)
+        return reply
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return tamper("evaluate", honest.evaluate(msg, context), msg, context)
+        reply = honest.evaluate(msg, context)
+        tamper("evaluate", round_of(msg), reply.content, context)
+        return reply
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return tamper("query", honest.query(msg, context), msg, context)
+        reply = honest.query(msg, context)
+        tamper("query", 0, reply.content, context)
+        return reply
 
     return app
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from hdf.config import CONF_DIR, compose
 from hdf.data import list_datasets
 from hdf.models import list_backbones
 from hdf.registry import Registry
@@ -47,4 +48,13 @@ def test_an_unknown_name_lists_the_known_and_the_fix() -> None:
 def test_every_registry_is_filled() -> None:
     assert "tiny3d" in list_backbones() and "synthetic" in list_datasets()
     assert {"fedavg", "dro"} <= set(list_strategies())
-    assert set(DRO_MODES) == {"eg", "kl", "cvar", "afl", "drfa", "regret"}
+    assert {"eg", "kl", "cvar", "afl", "drfa", "regret"} <= set(DRO_MODES)
+
+
+def test_every_dro_mode_has_a_preset() -> None:
+    """A mode is one function plus one preset (simulations/conf/strategy/): each registered
+    mode is reachable by `strategy=<file>`, and each DRO preset names a registered mode."""
+    files = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
+    strategies = [compose([f"strategy={f}"]).strategy for f in files]
+    modes = {s.dro.mode for s in strategies if s.name == "dro"}
+    assert modes == set(DRO_MODES)

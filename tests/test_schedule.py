@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from hdf.optim.schedule import round_lr
+from hdf.config.schema import TrainConfig
+from hdf.optim.schedule import lr_of_round, round_lr
 
 
 def test_round_lr_warms_up_then_decays_to_the_floor() -> None:
@@ -21,3 +22,12 @@ def test_round_lr_warms_up_then_decays_to_the_floor() -> None:
     assert lrs[-1] == pytest.approx(0.2685084, abs=1e-6)
     assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))  # monotone after warm-up
     assert lrs[-1] == pytest.approx(2.0 * (0.1 + 0.45 * (1 + math.cos(7 * math.pi / 8))))
+
+
+def test_lr_of_round_reads_the_train_settings() -> None:
+    """lr 2, 2 warm-up rounds, floor 0.1, 5 rounds: round 1 is 2 * 1/2; round 2 the peak 2;
+    round 5 is cosine at progress (4 - 2) / 3: 2 * (0.1 + 0.9 * 0.5 * (1 + cos(2 pi / 3)))."""
+    t = TrainConfig(lr=2.0, warmup_rounds=2, round_min_lr_ratio=0.1)
+    assert lr_of_round(t, 1, 5) == pytest.approx(1.0)
+    assert lr_of_round(t, 2, 5) == pytest.approx(2.0)
+    assert lr_of_round(t, 5, 5) == pytest.approx(2 * (0.1 + 0.9 * 0.25))

@@ -19,7 +19,7 @@ from server.strategy import (
     build_strategy,
     list_strategies,
 )
-from server.strategy.dro_math import update_lambda
+from server.strategy.dro_math import DRO_MODES, DROMode, register_mode, update_lambda
 from tests.fedmock import (
     FakeGrid,
     arrays_record,
@@ -54,17 +54,19 @@ def test_fedavg_weights_by_registered_sizes() -> None:
         train_reply(10, _arrays(1.0), source=0, num_examples=10),
         train_reply(11, _arrays(2.0), source=1, num_examples=30),
     ]
-    arrays, metrics = s.aggregate_train(1, replies)
-    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 1.75))
-    assert arrays["steps"].numpy().dtype == np.int64
-    assert metrics["train-loss-mean"] == pytest.approx(1.0)
-    assert s.flagged == []
+    first = s.train_round(1, replies)
+    np.testing.assert_allclose(first.arrays["w"].numpy(), np.full((2, 2), 1.75))
+    assert first.arrays["steps"].numpy().dtype == np.int64
+    assert first.summary["train-loss-mean"] == pytest.approx(1.0)
+    assert set(first.by_source) == {0, 1} and first.flagged == first.rejected == ()
+    # the updates' norms: ||1 - 0|| and ||2 - 0|| over the 4 floats of w
+    assert first.update_norm == pytest.approx({0: 2.0, 1: 4.0})
     replies[0].content[K.METRICS][K.NUM_EXAMPLES] = 10**12
-    arrays, _ = s.aggregate_train(2, replies)
-    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 1.75))
+    second = s.train_round(2, replies)
+    np.testing.assert_allclose(second.arrays["w"].numpy(), np.full((2, 2), 1.75))
     assert s.weights_by_source() == pytest.approx({0: 0.25, 1: 0.75, 2: 0.0})
-    assert [(f["round"], f["node"], f["source"]) for f in s.flagged] == [(2, 10, 0)]
-    assert "num-examples 1e+12 differs from the 10 clips registered" in s.flagged[0]["reason"]
+    assert [(f.round, f.node, f.source) for f in second.flagged] == [(2, 10, 0)]
+    assert "num-examples 1e+12 differs from the 10 clips registered" in second.flagged[0].reason
 
 
 @pytest.mark.parametrize("cls", [SourceFedAvg, DRO])
@@ -155,11 +157,11 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(arrays, source, reason) 
     s = _strategy()
     bad = train_reply(10, arrays, source=source)
     good = train_reply(11, _arrays(3.0), source=1)
-    out, _ = s.aggregate_train(2, [bad, good])
-    np.testing.assert_allclose(out["w"].numpy(), np.full((2, 2), 3.0))
-    assert len(s.rejected) == 1
-    assert s.rejected[0]["node"] == 10 and s.rejected[0]["round"] == 2
-    assert reason in s.rejected[0]["reason"]
+    out = s.train_round(2, [bad, good])
+    np.testing.assert_allclose(out.arrays["w"].numpy(), np.full((2, 2), 3.0))
+    assert [(r.round, r.kind, r.node) for r in out.rejected] == [(2, "train", 10)]
+    assert reason in out.rejected[0].reason
+    assert set(out.by_source) == {1}
 
 
 def test_norm_outlier_rejected() -> None:
@@ -169,10 +171,10 @@ def test_norm_outlier_rejected() -> None:
         train_reply(11, _arrays(1.2), source=1),
         train_reply(12, _arrays(500.0), source=2),
     ]
-    out, _ = s.aggregate_train(1, replies)
-    assert [r["node"] for r in s.rejected] == [12]
-    assert "norm" in s.rejected[0]["reason"]
-    np.testing.assert_allclose(out["w"].numpy(), np.full((2, 2), 1.1), rtol=1e-6)
+    out = s.train_round(1, replies)
+    assert [r.node for r in out.rejected] == [12]
+    assert "norm" in out.rejected[0].reason
+    np.testing.assert_allclose(out.arrays["w"].numpy(), np.full((2, 2), 1.1), rtol=1e-6)
 
 
 def test_a_x1000_update_is_rejected_with_two_replies() -> None:
@@ -181,13 +183,13 @@ def test_a_x1000_update_is_rejected_with_two_replies() -> None:
     accepted norm is remembered across a checkpoint for the next rounds' median."""
     s = _strategy()
     s.current_arrays = arrays_record(_arrays(1.0))
-    out, _ = s.aggregate_train(
+    out = s.train_round(
         1,
         [train_reply(10, _arrays(1.1), source=0), train_reply(11, _arrays(1000.0), source=1)],
     )
-    np.testing.assert_allclose(out["w"].numpy(), np.full((2, 2), 1.1), rtol=1e-6)
-    assert [(r["node"], r["kind"]) for r in s.rejected] == [(11, "train")]
-    assert "update norm 2e+03 is over 10x the global model's norm 2" in s.rejected[0]["reason"]
+    np.testing.assert_allclose(out.arrays["w"].numpy(), np.full((2, 2), 1.1), rtol=1e-6)
+    assert [(r.node, r.kind) for r in out.rejected] == [(11, "train")]
+    assert "update norm 2e+03 is over 10x the global model's norm 2" in out.rejected[0].reason
     assert s.norm_history == pytest.approx([0.2], rel=1e-5)
     t = _strategy()
     t.load_state_dict(s.state_dict())
@@ -201,10 +203,10 @@ def test_a_dro_liar_is_flagged_and_counts_with_the_seen_validation_loss() -> Non
     settings = DROSettings(max_step=1.0, eta=1.0, eps=0.1, cap=0.5)
     s = _strategy(DRO, settings=settings)
     s.aggregate_evaluate(0, [eval_reply(10 + i, source=i, loss=1.0 + i) for i in range(3)])
-    _round(s, 1, [1.0, 2.0, 300.0])
+    out = _round(s, 1, [1.0, 2.0, 300.0])
     np.testing.assert_allclose(s.lam, [0.155403, 0.344597, 0.5], atol=2e-6)
-    assert [(f["node"], f["source"]) for f in s.flagged] == [(12, 2)]
-    assert "loss-before 300 is over 2x the server-seen validation loss 3" in s.flagged[0]["reason"]
+    assert [(f.node, f.source) for f in out.flagged] == [(12, 2)]
+    assert "loss-before 300 is over 2x the server-seen validation loss 3" in out.flagged[0].reason
     np.testing.assert_allclose(s.loss_memory, [1.0, 2.0, 3.0])
 
 
@@ -220,9 +222,9 @@ def test_balanced_dro_checks_against_the_balanced_validation_loss() -> None:
     replies = [train_reply(10 + i, _arrays(float(i)), source=i) for i in range(3)]
     for m, balanced in zip(replies, [1.0, 4.0, float("nan")], strict=True):
         m.content[K.METRICS][K.LOSS_BEFORE_BALANCED] = balanced
-    s.aggregate_train(1, replies)
-    assert [r["node"] for r in s.rejected] == [12]
-    assert "'loss-before-balanced' is not finite" in s.rejected[0]["reason"]
+    out = s.train_round(1, replies)
+    assert [r.node for r in out.rejected] == [12]
+    assert "'loss-before-balanced' is not finite" in out.rejected[0].reason
     u = np.full(3, 1 / 3)
     expected = update_lambda(
         "eg", u, np.array([1.0, 1.5, 0.0]), np.array([1, 1, 0], bool), u, settings
@@ -239,15 +241,16 @@ def test_evaluate_replies_are_validated_and_never_overwrite_another_source() -> 
         eval_reply(11, source=0, loss=9.0),  # node 11 serves source 1
         Message(content=RecordDict({}), reply_to=empty),
     ]
-    s.aggregate_evaluate(3, replies)
-    assert s.eval_by_source[0][K.LOSS] == 0.5 and set(s.eval_by_source) == {0}
+    out = s.evaluate_round(3, replies)
+    assert out.by_source[0][K.LOSS] == 0.5 and set(out.by_source) == {0}
     # in (source, node) order, not arrival order: the empty reply has no source to read
-    assert [(r["round"], r["kind"], r["node"]) for r in s.rejected] == [
-        (3, "evaluate", 12),
-        (3, "evaluate", 11),
+    assert [(r.round, r.kind, r.node, r.source) for r in out.rejected] == [
+        (3, "evaluate", 12, 2),
+        (3, "evaluate", 11, 1),
     ]
-    assert s.rejected[1]["reason"] == "reports source 0 but registered as source 1"
+    assert out.rejected[1].reason == "reports source 0 but registered as source 1"
     assert s.val_loss == {0: 0.5}
+    assert out.weights == s.weights_by_source()
 
 
 def test_a_non_finite_lambda_is_refused_and_the_previous_kept(monkeypatch) -> None:
@@ -257,20 +260,20 @@ def test_a_non_finite_lambda_is_refused_and_the_previous_kept(monkeypatch) -> No
     s = _strategy(DRO)
     before = s.lam.copy()
     monkeypatch.setattr(dro, "update_lambda", lambda *a, **k: np.full(3, np.nan))
-    out, _ = _round(s, 1, [1.0, 2.0, 3.0])
+    out = _round(s, 1, [1.0, 2.0, 3.0])
     np.testing.assert_array_equal(s.lam, before)
-    assert "lambda update gave [nan, nan, nan]" in s.flagged[0]["reason"]
-    np.testing.assert_allclose(out["w"].numpy(), np.full((2, 2), 1.0), rtol=1e-6)  # (0+1+2)/3
+    assert "lambda update gave [nan, nan, nan]" in out.flagged[0].reason
+    np.testing.assert_allclose(out.arrays["w"].numpy(), np.full((2, 2), 1.0), rtol=1e-6)
 
 
 def test_a_non_finite_aggregate_keeps_the_previous_model(monkeypatch) -> None:
     s = _strategy()
     monkeypatch.setattr(s, "aggregate_updates", lambda r, replies: arrays_record(_arrays(np.inf)))
-    out, metrics = s.aggregate_train(1, [train_reply(10, _arrays(1.0), source=0)])
-    assert out is None and metrics is None
-    assert (
-        s.flagged[0]["reason"] == "the aggregated model holds NaN or Inf: kept the previous model"
-    )
+    out = s.train_round(1, [train_reply(10, _arrays(1.0), source=0)])
+    assert out.arrays is None and out.summary is None
+    assert [f.reason for f in out.flagged] == [
+        "the aggregated model holds NaN or Inf: kept the previous model"
+    ]
 
 
 class _QueryGrid(FakeGrid):
@@ -323,7 +326,7 @@ def _round(s, server_round, losses, values=None, nodes=(10, 11, 12)):
         )
         for n in nodes
     ]
-    return s.aggregate_train(server_round, replies)
+    return s.train_round(server_round, replies)
 
 
 def test_dro_kl_remembers_silent_sources_across_rounds_and_checkpoints() -> None:
@@ -337,7 +340,7 @@ def test_dro_kl_remembers_silent_sources_across_rounds_and_checkpoints() -> None
     t = _strategy(DRO, mode="kl", settings=settings)
     t.load_state_dict(s.state_dict())
     np.testing.assert_allclose(t.loss_memory, [1.0, 2.0, 3.0])
-    arrays, _ = _round(t, 2, [3.0, 1.0, 0.0], nodes=(10, 11))
+    arrays = _round(t, 2, [3.0, 1.0, 0.0], nodes=(10, 11)).arrays
     np.testing.assert_allclose(t.lam, [0.454813, 0.090374, 0.454813], atol=2e-6)
     # partial participation: only the repliers are mixed, renormalised over their lambda
     w = t.lam[:2] / t.lam[:2].sum()
@@ -463,7 +466,7 @@ def test_drfa_round_by_hand() -> None:
     s.aggregate_evaluate(0, [eval_reply(10 + i, source=i, loss=1.0 + i) for i in range(3)])
     np.testing.assert_allclose(s.eval_loss, [1.0, 2.0, 3.0])
     s.draws = {0: 2, 2: 1}
-    arrays, _ = _round(s, 1, [9.0, 9.0, 9.0], nodes=(10, 12))
+    arrays = _round(s, 1, [9.0, 9.0, 9.0], nodes=(10, 12)).arrays
     np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 2.0 / 3.0), rtol=1e-6)
     np.testing.assert_allclose(s.lam, [0.243333, 0.333333, 0.423333], atol=1e-6)
     t = _strategy(DRO, mode="drfa")
@@ -609,18 +612,19 @@ def test_no_strategy_depends_on_reply_order(conf: str) -> None:
         s = three_source_strategy(cfg, NAMES)
         s.current_arrays = arrays_record({"w": np.zeros(256, np.float32), "steps": ints})
         s.sample_training_nodes = lambda r, nodes: nodes  # DRFA: every source trains
-        s.aggregate_evaluate(0, [evals[i] for i in [*order, 3]][::-1])
-        arrays, _ = s.aggregate_train(1, [train[i] for i in order])
-        s.aggregate_evaluate(1, [evals[i] for i in [3, *order]])
+        first = s.evaluate_round(0, [evals[i] for i in [*order, 3]][::-1])
+        trained = s.train_round(1, [train[i] for i in order])
+        second = s.evaluate_round(1, [evals[i] for i in [3, *order]])
+        rejected = [*first.rejected, *trained.rejected, *second.rejected]
         results.append(
             (
-                arrays["w"].numpy().tobytes(),
+                trained.arrays["w"].numpy().tobytes(),
                 list(s.weights_by_source().items()),
-                list(s.eval_by_source.items()),
-                [r["node"] for r in s.rejected],
+                list(second.by_source.items()),
+                [r.node for r in rejected],
             )
         )
-    assert [r["kind"] for r in s.rejected] == ["evaluate", "evaluate"]  # node 99, twice
+    assert [r.kind for r in rejected] == ["evaluate", "evaluate"]  # node 99, twice
     assert all(r == results[0] for r in results[1:])
 
 
@@ -663,6 +667,41 @@ def test_every_strategy_runs_two_rounds_and_resumes(conf: str, tmp_path) -> None
     a, _ = s.aggregate_train(3, replies)
     b, _ = t.aggregate_train(3, replies)
     np.testing.assert_array_equal(a["w"].numpy(), b["w"].numpy())
+
+
+def test_a_new_dro_mode_is_one_function_and_one_preset(tmp_path, monkeypatch) -> None:
+    """A toy mode registered here (weights proportional to the losses) and a preset written to
+    a tmp config folder: composed by name, built by build_strategy, run for a round. Losses
+    (1, 2, 3), eps 0, cap 1, max_step 1: lambda = (1, 2, 3) / 6 and the mix of w = (0, 1, 2)
+    is 2/6 + 6/6 = 4/3; the evaluation reports those weights for the row's lambda."""
+    monkeypatch.setattr(DRO_MODES, "_items", dict(DRO_MODES))  # the toy leaves with the test
+
+    def proportional_step(lam, losses, mask, prior, settings):
+        return losses / losses.sum()
+
+    register_mode("toy", DROMode(proportional_step))
+    (tmp_path / "strategy").mkdir()
+    (tmp_path / "strategy" / "dro_toy.yaml").write_text(
+        "defaults:\n  - dro\n  - _self_\ndro:\n  mode: toy\n  eps: 0.0\n  cap: 1.0\n"
+        "  max_step: 1.0\n"
+    )
+    cfg = compose([f"hydra.searchpath=[file://{tmp_path}]", "strategy=dro_toy"]).strategy
+    s = three_source_strategy(cfg, NAMES)
+    assert isinstance(s, DRO) and s.mode == "toy"
+    s.current_arrays = arrays_record(GLOBAL)
+    out = _round(s, 1, [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(s.lam, [1 / 6, 2 / 6, 3 / 6])
+    np.testing.assert_allclose(out.arrays["w"].numpy(), np.full((2, 2), 4 / 3), rtol=1e-6)
+    scored = s.evaluate_round(1, [eval_reply(10 + i, source=i, loss=1.0) for i in range(3)])
+    assert scored.weights == pytest.approx({0: 1 / 6, 1: 2 / 6, 2: 3 / 6})
+
+
+@pytest.mark.parametrize("cls", [SourceFedAvg, DRO])
+@pytest.mark.parametrize("name", ["weighted_by_key", "min_available_nodes", "fraction_trian"])
+def test_unknown_strategy_arguments_are_refused_by_name(cls, name) -> None:
+    """FedAvg's own options do nothing here, and a typo must not pass silently."""
+    with pytest.raises(TypeError, match=name):
+        cls(train_sources=[0], source_names={0: "a"}, **{name: 1})
 
 
 def test_fedbn_client_keeps_its_norm_layers_across_rounds() -> None:

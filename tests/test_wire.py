@@ -74,9 +74,9 @@ def _run(wire: WireFormat, rounds: int = 3, scale: float = 1e-2):
         msgs = list(s.configure_train(r, arrays, ConfigRecord({}), grid))
         kinds = {k for m in msgs for k in m.content.config_records}
         assert (K.LAYOUT in kinds) == wire.pack
-        new, _ = s.aggregate_train(r, [site_reply(m, r, scale) for m in msgs])
-        assert s.rejected == []
-        arrays = new
+        out = s.train_round(r, [site_reply(m, r, scale) for m in msgs])
+        assert out.rejected == ()
+        arrays = out.arrays
     return {k: a.numpy() for k, a in arrays.items()}, s.lam.copy()
 
 
@@ -161,7 +161,7 @@ def test_a_bad_packed_update_is_rejected_and_the_round_goes_on(arrays_edit, edit
     good = _global()
     bad = arrays_edit(good) if arrays_edit else good
     replies = [_packed_reply(10, bad, edit), _packed_reply(11, good)]
-    arrays, _ = s.aggregate_train(1, replies)
-    assert arrays is not None  # the good reply made the round
-    assert [(r["node"], r["kind"]) for r in s.rejected] == [(10, "train")]
-    assert reason in s.rejected[0]["reason"]
+    out = s.train_round(1, replies)
+    assert out.arrays is not None  # the good reply made the round
+    assert [(r.node, r.kind) for r in out.rejected] == [(10, "train")]
+    assert reason in out.rejected[0].reason

@@ -183,7 +183,7 @@ class StrategyConfig:
 class DROSettingsConfig:
     """Distributionally robust aggregation over sources (server/strategy/dro.py, dro_math.py)."""
 
-    mode: str = "eg"  # eg | kl | cvar | afl | drfa | regret (dro_math.DRO_MODES)
+    mode: str = "eg"  # a registered lambda update (dro_math.DRO_MODES), e.g. eg, kl, cvar, drfa
     eta: float = 1.0  # step on lambda per unit of loss: lambda_k *= exp(eta * loss_k)
     eps: float = 0.1  # mixing toward the prior each round: every source keeps >= eps * p_k
     cap: float = 0.5  # no source weighs more than this (must be >= 1/K)

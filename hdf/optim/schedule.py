@@ -1,15 +1,21 @@
 """Learning-rate schedules: linear warm-up then cosine decay to a floor (docs/hdf_method.md §R5).
 
 `warmup_cosine_factor` is the shape; `cosine_with_warmup` applies it per step inside one call of
-the training loop, and `round_lr` across federated rounds (the server sends each round's lr).
+the training loop, and `round_lr` across federated rounds (the server sends each round's lr);
+`lr_of_round` is `round_lr` of the run's train settings, for the round loop and the pooled
+baseline alike.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+if TYPE_CHECKING:
+    from hdf.config.schema import TrainConfig
 
 
 def cosine_with_warmup(
@@ -47,3 +53,15 @@ def round_lr(
     federated training the decay belongs to the rounds and each round trains at one lr.
     """
     return base_lr * warmup_cosine_factor(server_round - 1, warmup, rounds, min_ratio)
+
+
+def lr_of_round(train: TrainConfig, server_round: int, rounds: int) -> float:
+    """The clients' lr in `server_round` of `rounds`: `train.lr` warmed up over
+    `train.warmup_rounds`, then cosine down to `train.round_min_lr_ratio` of it."""
+    return round_lr(
+        float(train.lr),
+        server_round,
+        int(rounds),
+        int(train.warmup_rounds),
+        float(train.round_min_lr_ratio),
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from typing import Any
 
 from hdf.config.tree import group_node
@@ -30,7 +31,7 @@ def build_strategy(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
     return STRATEGIES.lookup(cfg["name"])(group_node("strategy", cfg), **common)
 
 
-def _fedavg_kwargs(cfg: Mapping[str, Any], common: dict[str, Any]) -> dict[str, Any]:
+def _source_fedavg_kwargs(cfg: Mapping[str, Any], common: dict[str, Any]) -> dict[str, Any]:
     common = dict(common)
     common.pop("source_sizes", None)
     return {
@@ -44,28 +45,21 @@ def _fedavg_kwargs(cfg: Mapping[str, Any], common: dict[str, Any]) -> dict[str, 
 
 @register_strategy("fedavg")
 def _fedavg(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
-    return SourceFedAvg(**_fedavg_kwargs(cfg, common))
+    return SourceFedAvg(**_source_fedavg_kwargs(cfg, common))
 
 
 @register_strategy("fedprox")
 def _fedprox(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
     if float(cfg["proximal_mu"]) <= 0:
         raise ValueError("strategy=fedprox needs strategy.proximal_mu > 0")
-    return SourceFedAvg(**_fedavg_kwargs(cfg, common))
+    return SourceFedAvg(**_source_fedavg_kwargs(cfg, common))
 
 
 @register_strategy("dro")
 def _dro(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
     d = cfg["dro"]
-    settings = DROSettings(
-        eta=float(d["eta"]),
-        eps=float(d["eps"]),
-        cap=float(d["cap"]),
-        loss_clip=float(d["loss_clip"]),
-        tau=float(d["tau"]),
-        alpha=float(d["alpha"]),
-        max_step=float(d["max_step"]),
-    )
+    # every numeric setting a mode reads: a new one is a schema key plus a DROSettings field
+    settings = DROSettings(**{f.name: float(d[f.name]) for f in fields(DROSettings)})
     return DRO(
         mode=str(d["mode"]),
         settings=settings,
@@ -75,7 +69,7 @@ def _dro(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
         loss=str(d["loss"]),
         estimate=d["estimate"],
         smoothing=float(d["smoothing"]),
-        **_fedavg_kwargs(cfg, common),
+        **_source_fedavg_kwargs(cfg, common),
     )
 
 
@@ -88,7 +82,7 @@ def _qfedavg(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
         client_lr=float(q["client_lr"]),
         lipschitz=None if lipschitz is None else float(lipschitz),
         weighted_by_examples=bool(q["weighted_by_examples"]),
-        **_fedavg_kwargs(cfg, common),
+        **_source_fedavg_kwargs(cfg, common),
     )
 
 
@@ -98,19 +92,19 @@ def _feddg_ga(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
     return FedDGGA(
         step=float(g["step"]),
         num_rounds=int(g["num_rounds"]),
-        **_fedavg_kwargs(cfg, common),
+        **_source_fedavg_kwargs(cfg, common),
     )
 
 
 @register_strategy("fedbn")
 def _fedbn(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
     """FedBN (Li et al., 2021): FedAvg whose sites keep all their normalisation layers local."""
-    return SourceFedAvg(**{**_fedavg_kwargs(cfg, common), "local_norm": "all"})
+    return SourceFedAvg(**{**_source_fedavg_kwargs(cfg, common), "local_norm": "all"})
 
 
 @register_strategy("local")
 def _local(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
-    return LocalOnly(**_fedavg_kwargs(cfg, common))
+    return LocalOnly(**_source_fedavg_kwargs(cfg, common))
 
 
 __all__ = [

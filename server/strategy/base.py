@@ -5,11 +5,15 @@ class keeps the node -> source map and each node's registered size (learned by a
 trains only nodes of training sources, validates every train and evaluate reply, and keeps every
 source's numbers instead of only a weighted mean. Weights come from the sizes registered at
 discovery (`size_of`), losses through the server's check against its own validation loss
-(`loss_of`); a round whose mix holds NaN or Inf keeps the previous model. Rejections and flags are
-kept per round (`rejected`, `flagged`) for metrics.jsonl. Subclasses override `aggregate_updates`
-(how valid updates become the new model) and, if they must send something per round,
-`train_config`. Whatever they mix, the optional server optimiser (`server_opt`,
-server/strategy/server_opt.py) then steps from the global model along the mix.
+(`loss_of`); a round whose mix holds NaN or Inf keeps the previous model.
+
+The round loop calls `train_round` and `evaluate_round`, which return what it needs
+(`server.strategy.rounds`: per-source numbers, refusals and flags with their reasons, the
+weights); Flower's `aggregate_train` / `aggregate_evaluate` return the same aggregation in
+Flower's types. Subclasses override `aggregate_updates` (how the valid updates, grouped by
+source once, become the new model), `evaluated` (what an evaluation moves) and, if they must send
+something per round, `train_config`. Whatever they mix, the optional server optimiser
+(`server_opt`, server/strategy/server_opt.py) then steps from the global model along the mix.
 """
 
 from __future__ import annotations
@@ -36,14 +40,14 @@ from flwr.serverapp.strategy import FedAvg
 from hdf import contract as K
 from hdf.seeding import round_seed
 from server.arrays import BLOCK, WireFormat, array_view, pack_record
+from server.strategy.rounds import EvaluateRound, Flag, Rejection, SourceReplies, TrainRound
 from server.strategy.server_opt import ServerOptimizer
 from server.validation import (
-    EVAL_OPTIONAL,
-    EVAL_REQUIRED,
     NORM_HISTORY,
     TRAIN_OPTIONAL,
     TRAIN_REQUIRED,
     bounded_loss,
+    evaluate_metrics,
     evaluate_reply_problem,
     known_metrics,
     size_flag,
@@ -67,6 +71,12 @@ class SourceFedAvg(FedAvg):
         Name of every source index (training and held out), for logs.
     seed : int (default: 0)
         Seeds node sampling, derived per round so a resumed run samples as the original did.
+    fraction_train : float (default: 1.0)
+        Share of the online training nodes sampled each round (0: no training).
+    fraction_evaluate : float (default: 1.0)
+        0 turns evaluation off; any other value evaluates every online node.
+    min_train_nodes : int (default: 1)
+        The sample holds at least this many nodes (all of them when fewer are online).
     min_train_replies : int (default: 1)
         Fewer valid updates than this and the round keeps the previous model.
     proximal_mu : float (default: 0.0)
@@ -87,7 +97,8 @@ class SourceFedAvg(FedAvg):
         in 16 bits; replies come back in the format they were sent in and are unpacked
         before any check.
 
-    The remaining keyword arguments are FedAvg's.
+    Any other keyword argument is a TypeError naming it: FedAvg's own options (weighted_by_key,
+    the aggregation functions, ...) have no effect here, so they are not accepted.
     """
 
     def __init__(
@@ -96,22 +107,27 @@ class SourceFedAvg(FedAvg):
         train_sources: list[int],
         source_names: dict[int, str],
         seed: int = 0,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 1,
         min_train_replies: int = 1,
         proximal_mu: float = 0.0,
         local_norm: str = "none",
         server_opt: ServerOptimizer | None = None,
         loss_tolerance: float = 2.0,
         wire: WireFormat | None = None,
-        **fedavg_kwargs: Any,
     ) -> None:
         if local_norm not in LOCAL_NORM_MODES:
             raise ValueError(
                 f"strategy.local_norm={local_norm!r}; choose one of {', '.join(LOCAL_NORM_MODES)}"
             )
-        fedavg_kwargs.setdefault("min_train_nodes", 1)
-        fedavg_kwargs.setdefault("min_evaluate_nodes", 1)
-        fedavg_kwargs.setdefault("min_available_nodes", 1)
-        super().__init__(**fedavg_kwargs)
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
+        )
         self.train_sources = list(train_sources)
         self.source_names = dict(source_names)
         self.seed = seed
@@ -128,18 +144,16 @@ class SourceFedAvg(FedAvg):
         self.node_size: dict[int, int] = {}  # node id -> clips registered at discovery
         self.heldout_nodes: set[int] = set()
         self.current_arrays: ArrayRecord | None = None
-        self.train_by_source: dict[int, dict[str, float]] = {}
         self.round_sizes: dict[int, float] = {}  # source -> registered clips that trained
-        self.update_norm: dict[int, float] = {}  # source -> norm of its accepted update
-        self.eval_by_source: dict[int, dict[str, Any]] = {}
         # last server-seen validation losses per source (of the model clients train next)
         self.val_loss: dict[int, float] = {}
         self.val_fresh: set[int] = set()  # sources the last evaluation scored
         self.val_loss_balanced: dict[int, float] = {}
         self.norm_history: list[float] = []  # recently accepted update norms
         self._round_loss: dict[int, float] = {}  # node -> the loss `loss_of` gives this round
-        self.rejected: list[dict[str, Any]] = []
-        self.flagged: list[dict[str, Any]] = []
+        # the refusals and flags of the aggregation running now (its result carries them)
+        self._rejected: list[Rejection] = []
+        self._flagged: list[Flag] = []
 
     # ---- node bookkeeping -------------------------------------------------------------------
     def register_node(self, node_id: int, source_index: int, heldout: bool, clips: int) -> None:
@@ -155,21 +169,29 @@ class SourceFedAvg(FedAvg):
         self.node_size.pop(node_id, None)
         self.heldout_nodes.discard(node_id)
 
+    def knows(self, node_id: int) -> bool:
+        """Whether `node_id` has a registered source (its query reply was accepted)."""
+        return node_id in self.node_source
+
     def reject(self, server_round: int, node: int | None, reason: str, kind: str) -> None:
-        """Log a refused reply (`kind`: train, evaluate or query) for the round's row."""
+        """Log a refused train or evaluate reply for this aggregation's result."""
         log.warning(
             "round %d: rejected %s reply from node %s: %s", server_round, kind, node, reason
         )
         src = self.node_source.get(node) if node is not None else None
-        self.rejected.append(
-            {"round": server_round, "kind": kind, "node": node, "source": src, "reason": reason}
-        )
+        self._rejected.append(Rejection(server_round, kind, node, src, reason))
 
     def flag(self, server_round: int, node: int | None, reason: str) -> None:
-        """Log a number the server replaced, or a result it refused, for the round's row."""
+        """Log a number the server replaced, or a result it refused, for this aggregation."""
         log.warning("round %d: flagged node %s: %s", server_round, node, reason)
         src = self.node_source.get(node) if node is not None else None
-        self.flagged.append({"round": server_round, "node": node, "source": src, "reason": reason})
+        self._flagged.append(Flag(server_round, node, src, reason))
+
+    def _refusals(self) -> tuple[tuple[Rejection, ...], tuple[Flag, ...]]:
+        """The refusals and flags logged since the last call (one aggregation's)."""
+        out = tuple(self._rejected), tuple(self._flagged)
+        self._rejected, self._flagged = [], []
+        return out
 
     def size_of(self, msg: Message) -> float:
         """A reply's weight in clips: its node's size registered at discovery (issue 12 item 6)."""
@@ -204,10 +226,13 @@ class SourceFedAvg(FedAvg):
             out[K.LOCAL_NORM] = self.local_norm
         return out
 
-    def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
+    def aggregate_updates(self, server_round: int, replies: SourceReplies) -> ArrayRecord | None:
         """FedAvg: the mean of the updates weighted by each node's registered clips."""
-        weights = [self.size_of(m) for m in replies]
-        return weighted_average([m.content[K.ARRAYS] for m in replies], weights)
+        weights = [self.size_of(m) for m in replies.messages]
+        return weighted_average([m.content[K.ARRAYS] for m in replies.messages], weights)
+
+    def evaluated(self, server_round: int, by_source: dict[int, dict[str, float]]) -> None:
+        """What an evaluation of the global model moves (FedDG-GA: its weights); nothing here."""
 
     # ---- Flower's strategy hooks ------------------------------------------------------------
     def configure_train(
@@ -223,6 +248,13 @@ class SourceFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's hook: `train_round` as (new model or None, summary)."""
+        result = self.train_round(server_round, replies)
+        return result.arrays, result.summary
+
+    def train_round(self, server_round: int, replies: Iterable[Message]) -> TrainRound:
+        """Check the train replies, mix the valid ones and step the server optimiser."""
+        self._refusals()  # nothing logged before this aggregation belongs to it
         # Replies arrive in whatever order the sites finish; float sums are not associative, so
         # the mix is taken in a fixed order (source, node) to make a round reproducible.
         replies = sorted(replies, key=_reply_order)
@@ -236,17 +268,27 @@ class SourceFedAvg(FedAvg):
         )
         for r in check.rejected:
             self.reject(server_round, r["node"], r["reason"], "train")
-        valid = check.valid
+        valid = SourceReplies.of(check.valid)
         # plain floats: the checkpoint holds this list, and its loader allows no pickled objects
         self.norm_history = (self.norm_history + [float(n) for n in check.norms])[-NORM_HISTORY:]
-        self.train_by_source, self.round_sizes, self.update_norm = {}, {}, {}
-        for m, norm in zip(valid, check.norms, strict=True):
-            metrics = m.content[K.METRICS]
-            src = int(metrics[K.SOURCE_INDEX])
-            self.train_by_source[src] = known_metrics(metrics, TRAIN_REQUIRED, TRAIN_OPTIONAL)
-            self.round_sizes[src] = self.round_sizes.get(src, 0.0) + self.size_of(m)
-            self.update_norm[src] = norm
-        self._check_reported_numbers(server_round, valid)
+        norm_of = {m.metadata.src_node_id: n for m, n in zip(check.valid, check.norms, strict=True)}
+        by_source: dict[int, dict[str, float]] = {}
+        update_norm: dict[int, float] = {}
+        self.round_sizes = {}
+        for src, msgs in valid.by_source.items():  # a source's last node speaks for it
+            by_source[src] = known_metrics(
+                msgs[-1].content[K.METRICS], TRAIN_REQUIRED, TRAIN_OPTIONAL
+            )
+            update_norm[src] = norm_of[msgs[-1].metadata.src_node_id]
+            self.round_sizes[src] = sum(self.size_of(m) for m in msgs)
+        self._check_reported_numbers(server_round, valid.messages)
+        arrays = self._mix(server_round, valid)
+        rejected, flagged = self._refusals()
+        summary = self.train_summary(by_source) if arrays is not None else None
+        return TrainRound(arrays, by_source, update_norm, rejected, flagged, summary)
+
+    def _mix(self, server_round: int, valid: SourceReplies) -> ArrayRecord | None:
+        """The new global model from the valid updates, or None to keep the previous one."""
         if len(valid) < max(1, self.min_train_replies):
             log.warning(
                 "round %d: %d valid updates (< %d needed): keeping the previous model",
@@ -254,7 +296,7 @@ class SourceFedAvg(FedAvg):
                 len(valid),
                 max(1, self.min_train_replies),
             )
-            return None, None
+            return None
         arrays = self.aggregate_updates(server_round, valid)
         if arrays is not None and self.server_opt is not None and self.current_arrays is not None:
             arrays = self.server_opt.step(self.current_arrays, arrays)
@@ -262,8 +304,8 @@ class SourceFedAvg(FedAvg):
             self.flag(
                 server_round, None, "the aggregated model holds NaN or Inf: kept the previous model"
             )
-            return None, None
-        return arrays, self.train_summary()
+            return None
+        return arrays
 
     def unpack_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
         """The replies with packed arrays unpacked in place (`validation.unpack_reply`, against
@@ -300,8 +342,9 @@ class SourceFedAvg(FedAvg):
             return self.val_loss_balanced[source]
         return self.val_loss.get(source)
 
-    def train_summary(self) -> MetricRecord:
-        rows = list(self.train_by_source.values())
+    def train_summary(self, by_source: dict[int, dict[str, float]]) -> MetricRecord:
+        """Means over the sources that trained (what Flower's hook reports)."""
+        rows = list(by_source.values())
         return MetricRecord(
             {
                 "train-loss-mean": float(np.mean([r[K.TRAIN_LOSS] for r in rows])),
@@ -358,30 +401,51 @@ class SourceFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        self.eval_by_source = {}
+        """Flower's hook: `evaluate_round`'s summary."""
+        return self.evaluate_round(server_round, replies).summary
+
+    def evaluate_round(self, server_round: int, replies: Iterable[Message]) -> EvaluateRound:
+        """Check the evaluate replies, remember each source's validation loss (`loss_of`'s
+        reference), let the strategy move what the evaluation moves (`evaluated`)."""
+        self._refusals()
+        by_source: dict[int, dict[str, float]] = {}
         self.val_fresh = set()
         # (source, node) order, as in training: the round's row lists sources, and its refusals,
         # in this order, so metrics.jsonl does not depend on which site answered first
         for m in sorted(replies, key=_reply_order):
+            node = m.metadata.src_node_id
             if (why := evaluate_reply_problem(m, self.node_source)) is not None:
-                self.reject(server_round, m.metadata.src_node_id, why, "evaluate")
+                self.reject(server_round, node, why, "evaluate")
                 continue
-            mr = m.content[K.METRICS]
-            src = int(mr[K.SOURCE_INDEX])
-            self.eval_by_source[src] = known_metrics(mr, EVAL_REQUIRED, EVAL_OPTIONAL)
-            self.val_loss[src] = float(mr[K.LOSS])
+            metrics, dropped = evaluate_metrics(m.content[K.METRICS])
+            for method, why in dropped.items():
+                log.warning(
+                    "round %d: node %s: %s-adapted scores left out: %s",
+                    server_round,
+                    node,
+                    method,
+                    why,
+                )
+            src = int(metrics[K.SOURCE_INDEX])
+            by_source[src] = metrics
+            self.val_loss[src] = metrics[K.LOSS]
             self.val_fresh.add(src)
-            if K.LOSS_BALANCED in mr:
-                self.val_loss_balanced[src] = float(mr[K.LOSS_BALANCED])
-        train_rows = [v for s, v in self.eval_by_source.items() if s in self.train_sources]
-        if not train_rows:
-            return None
-        return MetricRecord(
-            {
-                "val-uar-mean": float(np.mean([r[K.UAR] for r in train_rows])),
-                "val-uar-worst": float(np.min([r[K.UAR] for r in train_rows])),
-            }
+            if K.LOSS_BALANCED in metrics:
+                self.val_loss_balanced[src] = metrics[K.LOSS_BALANCED]
+        self.evaluated(server_round, by_source)
+        rejected, flagged = self._refusals()
+        train_rows = [v for s, v in by_source.items() if s in self.train_sources]
+        summary = (
+            MetricRecord(
+                {
+                    "val-uar-mean": float(np.mean([r[K.UAR] for r in train_rows])),
+                    "val-uar-worst": float(np.min([r[K.UAR] for r in train_rows])),
+                }
+            )
+            if train_rows
+            else None
         )
+        return EvaluateRound(by_source, rejected, flagged, self.weights_by_source(), summary)
 
     # ---- checkpointed state -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from server.strategy.dro_math import (
     sample_by_weight,
     update_lambda,
 )
+from server.strategy.rounds import SourceReplies
 
 
 class DRO(SourceFedAvg):
@@ -150,12 +151,12 @@ class DRO(SourceFedAvg):
         )
 
     # ---- aggregation ------------------------------------------------------------------------
-    def _losses(self, replies: list[Message]) -> tuple[np.ndarray, np.ndarray]:
+    def _losses(self, replies: SourceReplies) -> tuple[np.ndarray, np.ndarray]:
         """Per-source checked loss this round (clip-weighted over a source's nodes) and mask."""
         idx = {s: i for i, s in enumerate(self.train_sources)}
         losses = np.zeros(len(self.train_sources))
         mask = np.zeros(len(self.train_sources), dtype=bool)
-        for src, msgs in _by_source(replies).items():
+        for src, msgs in replies.by_source.items():
             n = np.array([self.size_of(m) for m in msgs])
             lb = np.array([self.loss_of(m) for m in msgs])
             losses[idx[src]] = float((n * lb).sum() / n.sum())
@@ -181,7 +182,7 @@ class DRO(SourceFedAvg):
             out[K.LOCAL_VAL] = 1
         return out
 
-    def _signal(self, replies: list[Message]) -> tuple[np.ndarray, np.ndarray]:
+    def _signal(self, replies: SourceReplies) -> tuple[np.ndarray, np.ndarray]:
         """The per-source value lambda moves on this round (before smoothing), and its mask."""
         reported, trained = self._losses(replies)
         known = np.isfinite(self.eval_loss)
@@ -193,11 +194,11 @@ class DRO(SourceFedAvg):
             return np.where(known, self.eval_loss, reported), known | trained
         return reported, trained
 
-    def _local_val(self, replies: list[Message]) -> tuple[np.ndarray, np.ndarray]:
+    def _local_val(self, replies: SourceReplies) -> tuple[np.ndarray, np.ndarray]:
         """Per-source `local-val-loss` this round (clip-weighted over a source's nodes), mask."""
         idx = {s: i for i, s in enumerate(self.train_sources)}
         out = np.full(len(self.train_sources), np.nan)
-        for src, msgs in _by_source(replies).items():
+        for src, msgs in replies.by_source.items():
             msgs = [m for m in msgs if K.LOCAL_VAL_LOSS in m.content[K.METRICS]]
             if msgs:
                 n = np.array([self.size_of(m) for m in msgs])
@@ -205,7 +206,7 @@ class DRO(SourceFedAvg):
                 out[idx[src]] = float((n * v).sum() / n.sum())
         return out, np.isfinite(out)
 
-    def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
+    def aggregate_updates(self, server_round: int, replies: SourceReplies) -> ArrayRecord | None:
         """Update lambda from the per-source signal, then mix the updates by lambda."""
         signal, mask = self._signal(replies)
         self.loss_memory = ema(self.loss_memory, signal, mask, self.smoothing)
@@ -220,8 +221,8 @@ class DRO(SourceFedAvg):
         )
         return mix_by_source(replies, weights, self.size_of)
 
-    def train_summary(self) -> MetricRecord:
-        out = super().train_summary()
+    def train_summary(self, by_source: dict[int, dict[str, float]]) -> MetricRecord:
+        out = super().train_summary(by_source)
         out["lambda-max"] = float(self.lam.max())
         return out
 
@@ -253,15 +254,8 @@ class DRO(SourceFedAvg):
 LOSS_KEYS = {"plain": K.LOSS_BEFORE, "balanced": K.LOSS_BEFORE_BALANCED}
 
 
-def _by_source(replies: list[Message]) -> dict[int, list[Message]]:
-    out: dict[int, list[Message]] = {}
-    for m in replies:
-        out.setdefault(int(m.content[K.METRICS][K.SOURCE_INDEX]), []).append(m)
-    return out
-
-
 def mix_by_source(
-    replies: list[Message],
+    replies: SourceReplies,
     source_weight: dict[int, float],
     size_of: Callable[[Message], float],
 ) -> ArrayRecord:
@@ -271,7 +265,7 @@ def mix_by_source(
     the sizes registered at discovery).
     """
     records, weights = [], []
-    for src, msgs in _by_source(replies).items():
+    for src, msgs in replies.by_source.items():
         n = np.array([size_of(m) for m in msgs])
         for m, share in zip(msgs, n / n.sum(), strict=True):
             records.append(m.content[K.ARRAYS])

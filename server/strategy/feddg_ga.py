@@ -5,16 +5,16 @@ Paper: https://openaccess.thecvf.com/content/CVPR2023/papers/Zhang_Federated_Dom
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord
 
 from hdf import contract as K
 from server.strategy.base import SourceFedAvg
 from server.strategy.dro import mix_by_source
 from server.strategy.feddg_ga_math import feddg_ga_step, linear_decay
+from server.strategy.rounds import SourceReplies
 
 
 class FedDGGA(SourceFedAvg):
@@ -25,7 +25,7 @@ class FedDGGA(SourceFedAvg):
 
     Gap of source k after round r: G_k = L_k(global model after aggregation) - L_k(k's own local
     model before aggregation). "After" is the source's validation loss from the round's
-    federated evaluation (`eval_by_source`). "Before" is the local model's loss on the same
+    federated evaluation (`evaluated`). "Before" is the local model's loss on the same
     split: every train message asks for it (`local-val`) and the client reports
     `local-val-loss`. A client that does not stands in its `train-loss`, which is a different
     loss (HDF's weighted CE + contrastive terms, on augmented clips, under SAM), so its gap is
@@ -56,35 +56,31 @@ class FedDGGA(SourceFedAvg):
         out[K.LOCAL_VAL] = 1
         return out
 
-    def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
+    def aggregate_updates(self, server_round: int, replies: SourceReplies) -> ArrayRecord | None:
         """Mix by the current weights; remember each local model's loss for the gap."""
         self.local_loss = {}
-        for m in replies:
+        for m in replies.messages:
             mr = m.content[K.METRICS]
             before = mr.get(K.LOCAL_VAL_LOSS, mr[K.TRAIN_LOSS])
             self.local_loss[int(mr[K.SOURCE_INDEX])] = float(before)
         weights = dict(zip(self.train_sources, self.weights, strict=True))
         return mix_by_source(replies, weights, self.size_of)
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Score the aggregated model per source, then adjust the weights by the gaps."""
-        out = super().aggregate_evaluate(server_round, replies)
+    def evaluated(self, server_round: int, by_source: dict[int, dict[str, float]]) -> None:
+        """Adjust the weights by the gaps, from the aggregated model's scores per source."""
         if server_round < 1 or not self.local_loss:
-            return out
+            return
         gaps = np.zeros(len(self.train_sources))
         mask = np.zeros(len(self.train_sources), dtype=bool)
         self.gaps = {}
         for i, s in enumerate(self.train_sources):
-            if s in self.local_loss and s in self.eval_by_source:
-                gaps[i] = float(self.eval_by_source[s][K.LOSS]) - self.local_loss[s]
+            if s in self.local_loss and s in by_source:
+                gaps[i] = float(by_source[s][K.LOSS]) - self.local_loss[s]
                 mask[i] = True
                 self.gaps[s] = gaps[i]
         d = linear_decay(self.step, server_round, self.num_rounds)
         self.weights = feddg_ga_step(self.weights, gaps, mask, d, signal=1.0)
         self.local_loss = {}
-        return out
 
     def weights_by_source(self) -> dict[int, float]:
         return {s: float(w) for s, w in zip(self.train_sources, self.weights, strict=True)}

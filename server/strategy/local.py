@@ -6,10 +6,11 @@ import logging
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord
 
 from hdf import contract as K
 from server.strategy.base import SourceFedAvg, weighted_average
+from server.strategy.rounds import SourceReplies
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,9 @@ class LocalOnly(SourceFedAvg):
             return arrays
         return self.local.get(src, arrays)
 
-    def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
+    def aggregate_updates(self, server_round: int, replies: SourceReplies) -> ArrayRecord | None:
         """Keep each source's update as its model; the global model is their uniform soup."""
-        by_source: dict[int, list[Message]] = {}
-        for m in replies:
-            by_source.setdefault(int(m.content[K.METRICS][K.SOURCE_INDEX]), []).append(m)
-        for src, msgs in by_source.items():
+        for src, msgs in replies.by_source.items():
             n = [self.size_of(m) for m in msgs]
             self.local[src] = (
                 msgs[0].content[K.ARRAYS]

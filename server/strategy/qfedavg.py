@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy.qfedavg import compute_delta_and_h
 
 from hdf import contract as K
 from server.strategy.base import SourceFedAvg, weighted_average
 from server.strategy.qffl_math import qffl_weights
+from server.strategy.rounds import SourceReplies
 
 
 class QFedAvg(SourceFedAvg):
@@ -64,9 +65,10 @@ class QFedAvg(SourceFedAvg):
         self.weighted_by_examples = weighted_by_examples
         self.last_weights: dict[int, float] = {}
 
-    def aggregate_updates(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
+    def aggregate_updates(self, server_round: int, valid: SourceReplies) -> ArrayRecord | None:
         """w - sum_k p_k Delta_k / sum_k p_k h_k on floating arrays (q-FedAvg)."""
         assert self.current_arrays is not None, "configure_train sets the global arrays first"
+        replies = valid.messages
         metrics = [m.content[K.METRICS] for m in replies]
         n = np.array([self.size_of(m) for m in replies])
         losses = np.array([self.loss_of(m) for m in replies])
