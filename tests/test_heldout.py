@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from client.app import score_metrics
+from client.handlers import score_metrics
 from hdf import contract as K
 from server.federation import eval_rows
 
