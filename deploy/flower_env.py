@@ -20,6 +20,12 @@ FLOWER_ENV: dict[str, str] = {
     # the SuperExec looks for a new ServerApp/ClientApp task every 0.1 s instead of Flower's 1 s
     # (flwr/supercore/superexec/run_superexec.py): up to 0.9 s less per deployed message
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+    # a ServerApp/ClientApp sends an array in chunks of this many bytes, one request per chunk at
+    # every hop (flwr/app/message/array.py; Flower's default 5 MiB): 64 MiB carries an r3d_18
+    # model (133 MB) in 2 chunks instead of 26. Safe: the HTTP APIs set no body limit, gRPC
+    # allows 2 GiB, SQLite blobs 1 GB; a chunk costs up to ~3x its size in memory per request
+    # (docs/deploy.md, "How fast a deployed round is")
+    "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": "67108864",
     # Ray keeps today's behaviour for actors given 0 GPUs and stops warning about it on every start
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
