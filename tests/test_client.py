@@ -163,7 +163,8 @@ content = RecordDict({K.CONFIG: ConfigRecord({K.RUN_CONFIG: cfg_yaml})})
 msg = instruction(1, content, MessageType.QUERY)
 ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
 reply = dict(app(msg, ctx).content[K.METRICS])
-print(json.dumps({"reply": reply, "torch": "torch" in sys.modules}))
+decoders = sorted({"PIL", "av"} & set(sys.modules))
+print(json.dumps({"reply": reply, "torch": "torch" in sys.modules, "decoders": decoders}))
 """
 
 
@@ -190,12 +191,14 @@ def test_query_answers_from_the_site_index_without_torch(
     cfg, tmp_path, node, source, heldout, split
 ) -> None:
     """The first query of a site builds its source and writes the index; a later query, in a
-    fresh process as deployed, answers the same from the index without importing torch."""
+    fresh process as deployed, answers the same from the index without importing torch. In-memory
+    clips need no image or video decoder either."""
     from hdf.data import build_sources
 
     cfg_yaml = to_yaml(cfg)
     first = _query_fresh(cfg_yaml, node, tmp_path)
     assert first["torch"]  # nothing indexed yet: the source was loaded
+    assert first["decoders"] == []
     clips = len(build_sources(cfg.data)[source].split(split))
     want = {K.SOURCE_INDEX: source, K.NUM_EXAMPLES: clips, K.HELDOUT: heldout}
     assert {k: first["reply"][k] for k in want} == want
