@@ -22,6 +22,7 @@ import yaml
 
 log = logging.getLogger(__name__)
 FIELDS = ("source", "heldout", "clips")
+MAX_BYTES = 4096  # an index is three numbers; anything larger is not one
 _DATA_CODE = Path(__file__).resolve().parent.parent / "hdf" / "data"
 
 
@@ -62,6 +63,8 @@ def read(cfg_yaml: str, node_config: dict[str, Any]) -> dict[str, int] | None:
     if path is None or not path.is_file():
         return None
     try:
+        if path.stat().st_size > MAX_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes, an index has under {MAX_BYTES}")
         raw = json.loads(path.read_text())
         answer = {k: raw[k] for k in FIELDS}
     except (OSError, ValueError, KeyError, TypeError) as err:

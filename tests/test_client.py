@@ -226,6 +226,8 @@ def test_a_site_index_is_keyed_by_data_config_and_node_and_checked(cfg, monkeypa
     assert site_index.read(cfg_yaml, {"source": "webcam"}) is None
     path.write_text("not json")
     assert site_index.read(cfg_yaml, {"source": "webcam"}) is None
+    path.write_text('{"source": 1, "heldout": 0, "clips": 12}' + " " * 5000)
+    assert site_index.read(cfg_yaml, {"source": "webcam"}) is None
 
 
 def test_no_index_for_a_dataset_whose_files_decide_its_sizes(cfg, monkeypatch, tmp_path) -> None:
