@@ -1,7 +1,7 @@
 """A site's answer to `query` (source index, held out, clips), kept on the site's own disk.
 
 Flower starts a fresh ClientApp process for every message; answering node discovery from this
-small file spares that process torch, the data and the model (about 1.3 s of CPU per query,
+small file spares that process torch, the data and the model (about 1.1 s of CPU per query,
 docs/deploy.md). Only a dataset whose split sizes follow from its config and code
 (`SourceSet.sizes_from_config`: the synthetic benchmark) is indexed, so the file cannot go
 stale; the key is a hash of the data config the server sent, the node config and the source of
