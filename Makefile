@@ -10,6 +10,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL := 0.1
+export FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE := 67108864
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO := 0
 
 .PHONY: install run smoke test imports test-fast test-deploy lint format bench clean

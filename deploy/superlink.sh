@@ -36,11 +36,14 @@ CERTS="$(realpath "$CERTS")" STATE="$(realpath "$STATE")"
 export FLWR_HOME="${FLWR_HOME:-$STATE/flwr-home}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED="${FLWR_TELEMETRY_ENABLED:-0}"
 export FLWR_DISABLE_UPDATE_CHECK="${FLWR_DISABLE_UPDATE_CHECK:-1}" WANDB_MODE="${WANDB_MODE:-offline}"
-# The SuperExec beside this process polls for a ServerApp task to start every
-# FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower 1.42 default 1.0, read in
-# flwr/supercore/superexec/run_superexec.py); a message waits up to that long before its
-# process starts, so poll 10x a second (a local request each, negligible CPU).
-export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
+# The SuperExec beside this process asks the SuperLink for a ServerApp task to start every
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (read in flwr/supercore/superexec/run_superexec.py).
+# A ServerApp lives for its whole run, so Flower's 1 s delays a run's start by at most 0.9 s
+# once; 0.1 s made these polls nearly all of the SuperLink's requests (deploy/flower_env.py).
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPERLINK_TASK_POLL_INTERVAL:-1.0}"
+# The ServerApp sends each array in chunks of this many bytes, one request each (Flower 1.42
+# default 5 MiB, flwr/common/constant.py): 64 MiB, see deploy/flower_env.py.
+export FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE="${FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE:-67108864}"
 cd "$ROOT"  # run folders (runs/...) are written relative to the checkout
 exec flower-superlink \
   --ssl-ca-certfile "$CERTS/ca.crt" --ssl-certfile "$CERTS/server.pem" --ssl-keyfile "$CERTS/server.key" \

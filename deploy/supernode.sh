@@ -51,6 +51,9 @@ export FLWR_DISABLE_UPDATE_CHECK="${FLWR_DISABLE_UPDATE_CHECK:-1}" WANDB_MODE="$
 # flwr/supercore/superexec/run_superexec.py); a message waits up to that long before its
 # process starts, so poll 10x a second (a local request each, negligible CPU).
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
+# The ClientApp sends each array in chunks of this many bytes, one request each (Flower 1.42
+# default 5 MiB, flwr/common/constant.py): 64 MiB, see deploy/flower_env.py.
+export FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE="${FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE:-67108864}"
 # node-config values are TOML: strings must be quoted.
 exec flower-supernode \
   --superlink "$SUPERLINK" \

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.flower_env import FLOWER_ENV
+from deploy.flower_env import FLOWER_ENV, SUPERLINK_ENV
 from testbed.proctree import tree_pids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,7 +246,12 @@ class Cluster:
                 "--state",
                 str(state),
             ],
-            {"FLWR_HOME": str(state / "flwr-home"), **(env or {})},
+            {
+                # the SuperLink's own values over the sites' (BASE_ENV), then the caller's
+                **{k: v for k, v in SUPERLINK_ENV.items() if FLOWER_ENV.get(k) != v},
+                "FLWR_HOME": str(state / "flwr-home"),
+                **(env or {}),
+            },
         )
         self.superlink = proc
         self.wait_for(

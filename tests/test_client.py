@@ -170,3 +170,93 @@ def test_site_threads_come_from_the_config(monkeypatch, extra, node_config, thre
     monkeypatch.setattr(client.site.os, "cpu_count", lambda: 64)
     run = settings(compose(["experiment=tiny", *extra]))
     assert client.site.site_threads(run, node_config) == threads
+
+
+_QUERY_IN_FRESH_PROCESS = """
+import json, sys
+from flwr.app import ConfigRecord, Context, MessageType, RecordDict
+from client.app import app
+from hdf import contract as K
+from tests.fedmock import instruction
+cfg_yaml, node = sys.stdin.read(), json.loads(sys.argv[1])
+content = RecordDict({K.CONFIG: ConfigRecord({K.RUN_CONFIG: cfg_yaml})})
+msg = instruction(1, content, MessageType.QUERY)
+ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+reply = dict(app(msg, ctx).content[K.METRICS])
+decoders = sorted({"PIL", "av"} & set(sys.modules))
+print(json.dumps({"reply": reply, "torch": "torch" in sys.modules, "decoders": decoders}))
+"""
+
+
+def _query_fresh(cfg_yaml: str, node: dict, cache) -> dict:
+    """The query reply of a fresh process, as Flower starts one per deployed message."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HDF_CACHE": str(cache)}
+    out = subprocess.run(
+        [sys.executable, "-c", _QUERY_IN_FRESH_PROCESS, json.dumps(node)],
+        input=cfg_yaml, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("node", "source", "heldout", "split"),
+    [({"source": "webcam"}, 1, 0, "train"), ({"source": "phone"}, 3, 1, "test")],
+)
+def test_query_answers_from_the_site_index_without_torch(
+    cfg, tmp_path, node, source, heldout, split
+) -> None:
+    """The first query of a site builds its source and writes the index; a later query, in a
+    fresh process as deployed, answers the same from the index without importing torch. In-memory
+    clips need no image or video decoder either."""
+    from hdf.data import build_sources
+
+    cfg_yaml = to_yaml(cfg)
+    first = _query_fresh(cfg_yaml, node, tmp_path)
+    assert first["torch"]  # nothing indexed yet: the source was loaded
+    assert first["decoders"] == []
+    clips = len(build_sources(cfg.data)[source].split(split))
+    want = {K.SOURCE_INDEX: source, K.NUM_EXAMPLES: clips, K.HELDOUT: heldout}
+    assert {k: first["reply"][k] for k in want} == want
+    again = _query_fresh(cfg_yaml, node, tmp_path)
+    assert not again["torch"]
+    assert again["reply"] == first["reply"]
+
+
+def test_a_site_index_is_keyed_by_data_config_and_node_and_checked(cfg, monkeypatch, tmp_path):
+    """Another data config or node has its own entry; a file with bad values is not believed."""
+    from client import site_index
+
+    monkeypatch.setenv("HDF_CACHE", str(tmp_path))
+    cfg_yaml = to_yaml(cfg)
+    answer = {"source": 1, "heldout": 0, "clips": 12}
+    site_index.write(cfg_yaml, {"source": "webcam"}, answer)
+    assert site_index.read(cfg_yaml, {"source": "webcam"}) == answer
+    assert site_index.read(cfg_yaml, {"source": "studio"}) is None
+    other = compose(["experiment=tiny", f"data.root={cfg.data.root}", "data.scale=0.5"])
+    assert site_index.read(to_yaml(other), {"source": "webcam"}) is None
+    lr = compose(["experiment=tiny", f"data.root={cfg.data.root}", "train.lr=0.5"])
+    assert site_index.read(to_yaml(lr), {"source": "webcam"}) == answer  # not a data key
+    path = site_index.index_path(cfg_yaml, {"source": "webcam"})
+    path.write_text('{"source": 1, "heldout": 2, "clips": 12}')
+    assert site_index.read(cfg_yaml, {"source": "webcam"}) is None
+    path.write_text("not json")
+    assert site_index.read(cfg_yaml, {"source": "webcam"}) is None
+    path.write_text('{"source": 1, "heldout": 0, "clips": 12}' + " " * 5000)
+    assert site_index.read(cfg_yaml, {"source": "webcam"}) is None
+
+
+def test_no_index_for_a_dataset_whose_files_decide_its_sizes(cfg, monkeypatch, tmp_path) -> None:
+    """A dataset that reads its clips from files (sizes may change) is loaded for every query."""
+    from client import handlers
+    from hdf.data.synthetic import SyntheticSources
+
+    monkeypatch.setenv("HDF_CACHE", str(tmp_path))
+    monkeypatch.setattr(SyntheticSources, "sizes_from_config", False)
+    answer = handlers.query_answer(to_yaml(cfg), {"source": "webcam"})
+    assert answer["source"] == 1 and answer["clips"] > 0
+    assert not (tmp_path / "sites").exists()

@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from deploy.flower_env import FLOWER_ENV, apply_flower_env
+from deploy.flower_env import FLOWER_ENV, SUPERLINK_ENV, apply_flower_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # Ray runs only in simulation (make run, make test); deployed processes never start it.
 FLOWER_ONLY = {k: v for k, v in FLOWER_ENV.items() if k.startswith("FLWR_")}
+SUPERLINK_ONLY = {k: v for k, v in SUPERLINK_ENV.items() if k.startswith("FLWR_")}
 
 
 def _assignments(text: str) -> dict[str, str]:
-    """Every KEY=value, KEY := value and KEY="${KEY:-value}" the file makes (last one wins)."""
+    """Every KEY=value, KEY := value and KEY="${OTHER:-value}" the file makes (last one wins)."""
     out: dict[str, str] = {}
-    pattern = r'\b([A-Z][A-Z0-9_]+)\s*:?=\s*"?(?:\$\{\1:-)?([^"\s}\\]+)'
+    pattern = r'\b([A-Z][A-Z0-9_]+)\s*:?=\s*"?(?:\$\{[A-Z][A-Z0-9_]*:-)?([^"\s}\\]+)'
     for key, value in re.findall(pattern, text):
         out[key] = value
     return out
@@ -28,7 +29,7 @@ def _assignments(text: str) -> dict[str, str]:
     ("path", "expected"),
     [
         ("Makefile", FLOWER_ENV),
-        ("deploy/superlink.sh", FLOWER_ONLY),
+        ("deploy/superlink.sh", SUPERLINK_ONLY),
         ("deploy/supernode.sh", FLOWER_ONLY),
         ("deploy/Dockerfile", FLOWER_ONLY),
     ],

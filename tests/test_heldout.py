@@ -5,7 +5,7 @@ import math
 import pytest
 from flwr.app import MetricRecord
 
-from client.app import score_metrics
+from client.handlers import score_metrics
 from hdf import contract as K
 from server.federation import eval_rows
 from server.validation import evaluate_metrics

@@ -711,7 +711,7 @@ def test_fedbn_client_keeps_its_norm_layers_across_rounds() -> None:
     import torch
     from flwr.app import Context, RecordDict
 
-    from client.app import restore_local_norm, save_local_norm
+    from client.handlers import restore_local_norm, save_local_norm
     from hdf.models.hdf_net import norm_state_keys
 
     model = torch.nn.Sequential(

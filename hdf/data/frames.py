@@ -4,7 +4,9 @@
 `open_frames` streams every frame of a whole video or folder at its own size (prediction along a
 video). Every reader raises `ClipReadError`, never a library-specific exception, when a frame or a
 video cannot be decoded, so the dataset can skip the clip, count it and report its path, and a
-command can name the file (docs/design.md §6).
+command can name the file (docs/design.md §6). PyAV and PIL are imported by the readers that use
+them: a site with in-memory clips (the synthetic benchmark) never pays for them (~0.14 s per
+deployed ClientApp process).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 import torch
-from PIL import Image
+
+if TYPE_CHECKING:
+    import av
+    from PIL import Image
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 VIDEO_EXTS = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"})
@@ -81,6 +86,8 @@ def sample_indices(
 
 def _square(img: Image.Image, size: int) -> Image.Image:
     """Centre-crop to a square, then resize: face crops are square already, raw video is not."""
+    from PIL import Image
+
     w, h = img.size
     if w != h:
         s = min(w, h)
@@ -93,6 +100,8 @@ def _square(img: Image.Image, size: int) -> Image.Image:
 
 def read_image(path: str | Path, size: int) -> np.ndarray:
     """One frame as uint8 size x size x 3 (grayscale repeated to RGB)."""
+    from PIL import Image
+
     with _unreadable_image(path), Image.open(path) as img:
         # JPEG only: decode at a reduced scale when the frame is >= 2x the target (much faster).
         img.draft("RGB", (size, size))
@@ -101,6 +110,8 @@ def read_image(path: str | Path, size: int) -> np.ndarray:
 
 def _folder_frames(files: list[Path]) -> Iterator[np.ndarray]:
     """Each frame image at its own size, RGB H x W x 3 uint8."""
+    from PIL import Image
+
     for f in files:
         with _unreadable_image(f), Image.open(f) as img:
             frame = np.asarray(img.convert("RGB"))
@@ -110,6 +121,8 @@ def _folder_frames(files: list[Path]) -> Iterator[np.ndarray]:
 @contextmanager
 def _unreadable_image(path: str | Path) -> Iterator[None]:
     """PIL's errors for a frame image become one `ClipReadError` naming the file."""
+    from PIL import Image
+
     try:
         yield
     except (OSError, ValueError, Image.DecompressionBombError) as err:
@@ -119,6 +132,8 @@ def _unreadable_image(path: str | Path) -> Iterator[None]:
 @contextmanager
 def _unreadable_video(path: str | Path) -> Iterator[None]:
     """PyAV's errors for a video become one `ClipReadError` naming the file."""
+    import av
+
     try:
         yield
     except ClipReadError:
@@ -139,6 +154,8 @@ def iter_video_frames(path: str | Path, every: int = 1) -> Iterator[np.ndarray]:
     A file that cannot be opened, has no video stream, or breaks while decoding raises
     `ClipReadError` (a truncated mp4 typically fails here, at open: its index is gone).
     """
+    import av
+
     with _unreadable_video(path), av.open(str(path)) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
@@ -149,6 +166,8 @@ def iter_video_frames(path: str | Path, every: int = 1) -> Iterator[np.ndarray]:
 
 def video_fps(path: str | Path) -> tuple[float | None, int | None]:
     """(frames per second, frame count if the container knows it) of a video file."""
+    import av
+
     with _unreadable_video(path), av.open(str(path)) as container:
         stream = _video_stream(container, path)
         rate = stream.average_rate or stream.guessed_rate
@@ -172,6 +191,8 @@ def open_frames(path: str | Path) -> tuple[Iterator[np.ndarray], float | None, i
 
 def _video_frames(path: str | Path, size: int) -> list[np.ndarray]:
     """Every frame of a video, already squared and resized (clips are short, a few MB at 112)."""
+    from PIL import Image
+
     frames = [np.asarray(_square(Image.fromarray(f), size)) for f in iter_video_frames(path)]
     if not frames:
         raise ClipReadError(path, "the video decodes to no frames")

@@ -83,10 +83,13 @@ class SourceSet(ABC):
 
     `cheap_splits` says that loading a split only reads file lists (decoding happens per item), so
     a run checks every split it needs before it starts; a kind whose splits are generated (the
-    synthetic benchmark: seconds to minutes each, never empty) sets it False.
+    synthetic benchmark: seconds to minutes each, never empty) sets it False. `sizes_from_config`
+    says every split's size follows from the data config and this code alone (never from files
+    that may change), so a site may answer node discovery from a saved index (`client.site_index`).
     """
 
     cheap_splits: bool = True
+    sizes_from_config: bool = False
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         self.cfg = cfg

@@ -70,6 +70,7 @@ class SyntheticSources(SourceSet):
     """The synthetic sources named by ``data.sources`` (default: every default preset, in order)."""
 
     cheap_splits = False  # splits are generated (slow) and never empty
+    sizes_from_config = True  # `split_size(preset, split, scale)`: no file decides a size
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
