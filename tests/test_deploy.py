@@ -24,6 +24,7 @@ from deploy.connection import add_connection
 from deploy.make_certs import main as make_certs
 from deploy.make_certs import server_sans
 from testbed import cluster as cl
+from testbed.groups import stop_process_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -312,14 +313,7 @@ def test_only_registered_supernodes_join(tmp_path: Path, monkeypatch) -> None:
         assert refused == [("query", "claims source 0 but its key is registered for source 1")]
         assert set(rows[1]["clients"]) == {"studio"}
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_process_groups(procs, wait_s=15)
 
 
 # ---- a real multi-host federation in network namespaces ----------------------------------------

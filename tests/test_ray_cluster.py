@@ -18,6 +18,7 @@ import pytest
 from hdf.config import compose
 from simulations import run as simulation_run
 from simulations.ray_cluster import address_env, backend_config, cluster_address
+from testbed.groups import stop_process_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,15 +146,7 @@ def _wait_ready(node: subprocess.Popen, temp_dir: Path, timeout_s: float = 120) 
 def _stop(nodes: list[subprocess.Popen], base: Path) -> None:
     """SIGTERM each node's process group, SIGKILL what is left; then any process naming this
     cluster's temp dir (its raylet's workers). `ray stop` would stop every Ray on the machine."""
-    for node in nodes:
-        with suppress(ProcessLookupError):
-            os.killpg(node.pid, signal.SIGTERM)
-    for node in nodes:
-        try:
-            node.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait()
+    stop_process_groups(nodes, wait_s=30)
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
