@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from deploy.flower_env import FLOWER_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "localhost/hdf-debian:bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -37,9 +39,7 @@ DNSNAME = Path("/usr/lib/cni/dnsname")  # service names resolve inside the compo
 DNSNAME_PACKAGE = "golang-github-containernetworking-plugin-dnsname"
 SITES = ("studio", "webcam", "movie", "cctv", "night_ir", "phone")
 ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    **{k: v for k, v in FLOWER_ENV.items() if k.startswith("FLWR_")},  # as the Dockerfile sets
     "WANDB_MODE": "disabled",
     "HDF_CACHE": "/data",
     "PYTHONUNBUFFERED": "1",
@@ -108,7 +108,7 @@ def local_compose(port: int) -> dict[str, Any]:
             image=IMAGE,
             entrypoint=[f"{venv_bin}/flower-{tool}"],
             working_dir="/app",  # Flower's images: certificates/... are relative to /app
-            environment=env,
+            environment={**env, **svc.get("environment", {})},  # the service's own win
             volumes=[*svc.get("volumes", []), *mounts],
         )
         if name == "superlink":
