@@ -35,9 +35,7 @@ def _init(cfg_yaml: str) -> None:
 
     cfg = load(cfg_yaml)
     torch.set_num_threads(int(cfg.simulation.num_cpus_per_client))
-    train, _ = split_sources(
-        build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train")
-    )
+    train, _ = split_sources(build_sources(cfg.data), list(cfg.data.heldout), cfg.data.train)
     torch.manual_seed(int(cfg.seed))
     model = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
     _STATE.update(
@@ -97,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from hdf.data import build_sources, split_sources
 
     cfg = compose(args.overrides)
-    train, _ = split_sources(
-        build_sources(cfg.data), list(cfg.data.heldout or []), cfg.data.get("train")
-    )
+    train, _ = split_sources(build_sources(cfg.data), list(cfg.data.heldout), cfg.data.train)
     per = max(1, int(cfg.simulation.num_cpus_per_client))
     parallel = args.parallel or max(1, (os.cpu_count() or 1) // per)
     jobs = [

@@ -23,7 +23,7 @@ app = ServerApp()
 
 def open_run(cfg: DictConfig, run_dir: str = "") -> RunFolder:
     """The run folder: `cfg.resume` continues an existing one, else a new one is created."""
-    if cfg.get("resume"):
+    if cfg.resume:
         run = RunFolder(cfg.resume)
         run.read_config()  # fails clearly if it is not a run folder
         return run
@@ -44,7 +44,7 @@ def resolve_resume(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig
     Only an explicit ``rounds=N`` among `overrides` changes it, and only upwards (extending the run;
     its lr schedule then follows the new length); config.yaml is rewritten to match by `serve`.
     """
-    if not cfg.get("resume"):
+    if not cfg.resume:
         return cfg
     folder = RunFolder(cfg.resume)
     saved = load(folder.read_config(), f"{folder.path}/config.yaml")
@@ -100,6 +100,6 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = str(context.run_config.get("run-dir", ""))
     run = open_run(cfg, run_dir)
     print(f"run folder: {run.path.resolve()}", flush=True)
-    with discarded_unless_trained(run, fresh=not cfg.get("resume") and not run_dir):
+    with discarded_unless_trained(run, fresh=not cfg.resume and not run_dir):
         serve(grid, cfg, run)
     print(run.path.resolve(), flush=True)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     check_simulation(cfg)
     run = open_run(cfg)
     print(f"run folder: {run.path}", flush=True)
-    with discarded_unless_trained(run, fresh=not cfg.get("resume")):
+    with discarded_unless_trained(run, fresh=not cfg.resume):
         simulate(cfg, run)
     print(run.path, flush=True)
     return 0
