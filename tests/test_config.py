@@ -247,6 +247,8 @@ def test_deterministic_switches_torch_to_deterministic_algorithms(tmp_path: Path
     from hdf.device import set_deterministic
 
     cfg = compose(["experiment=tiny", f"data.root={tmp_path}", "deterministic=true"])
+    set_deterministic(False)  # an in-process deterministic run earlier in the session leaves it on
+    torch.backends.cudnn.benchmark = False
     assert not torch.are_deterministic_algorithms_enabled()
     try:
         site.get_site(to_yaml(cfg), {"partition-id": 0})
