@@ -25,7 +25,7 @@ from client.optimizer_state import (
 from client.site import Site, get_site, resolve_source
 from client.wire import received, reply_records
 from hdf import contract as K
-from hdf.adapt import check_methods, evaluate_adapted
+from hdf.adapt import check_methods, evaluate_adapted, recompute_site_stats
 from hdf.classes import NUM_CLASSES
 from hdf.config import load
 from hdf.evaluate import evaluate as evaluate_model
@@ -42,14 +42,37 @@ def _site(msg: Message, context: Context) -> tuple[Site, ConfigRecord]:
     return get_site(str(config[K.RUN_CONFIG]), dict(context.node_config)), config
 
 
+# "recompute" keeps nothing between rounds: the statistics are re-estimated for each model.
+LOCAL_NORM_MODES = (*NORM_PARTS, "recompute")
+
+
 def local_norm_mode(config: ConfigRecord) -> str | None:
-    """Which normalisation state this site keeps local ("all", "stats"), or None (all shared)."""
+    """Which normalisation state this site keeps local ("all", "stats") or re-estimates
+    ("recompute"), or None (all shared)."""
     mode = str(config.get(K.LOCAL_NORM, "none"))
     if mode == "none":
         return None
-    if mode not in NORM_PARTS:
-        raise ValueError(f"{K.LOCAL_NORM}={mode!r} is not one of none, {', '.join(NORM_PARTS)}")
+    if mode not in LOCAL_NORM_MODES:
+        raise ValueError(
+            f"{K.LOCAL_NORM}={mode!r} is not one of none, {', '.join(LOCAL_NORM_MODES)}"
+        )
     return mode
+
+
+def own_norm(site: Site, context: Context, mode: str | None) -> None:
+    """Give the received model this site's own normalisation state before it is scored:
+    the kept layers ("all", "stats") or statistics re-estimated on its training clips."""
+    if mode == "recompute":
+        recompute_site_stats(
+            site.model,
+            site.source.split("train"),
+            site.device,
+            site.settings.adapt,
+            seed=int(site.cfg.seed),
+            precision=str(site.cfg.precision),
+        )
+    elif mode is not None:
+        restore_local_norm(site.model, context)
 
 
 def restore_local_norm(model: torch.nn.Module, context: Context) -> None:
@@ -88,8 +111,7 @@ def train(msg: Message, context: Context) -> Message:
     got = received(msg.content)
     site.model.load_state_dict(got.state)
     local_norm = local_norm_mode(config)
-    if local_norm is not None:
-        restore_local_norm(site.model, context)
+    own_norm(site, context, local_norm)
     scored = split_scores(site) if int(config.get(K.SCORE_FIRST, 0)) == 1 else None
     data = site.source.split("train")
     loss_before = loss_on_sample(
@@ -128,7 +150,7 @@ def train(msg: Message, context: Context) -> Message:
         save_optimizer_state(context, stats["optimizer_state"], run, server_round, optimizer)
     elif keep:
         drop_optimizer_state(context)
-    if local_norm is not None:
+    if local_norm in NORM_PARTS:
         save_local_norm(site.model, context, local_norm)
     metrics = MetricRecord(
         {
@@ -185,8 +207,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """
     site, config = _site(msg, context)
     site.model.load_state_dict(received(msg.content).state)
-    if local_norm_mode(config) is not None and not site.heldout:
-        restore_local_norm(site.model, context)
+    if not site.heldout:
+        own_norm(site, context, local_norm_mode(config))
     split = "test" if site.heldout else str(config.get(K.SPLIT, "val"))
     metrics = split_scores(site, split)
     data = site.source.split(split)

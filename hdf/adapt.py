@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from hdf.config.schema import AdaptConfig
 from hdf.device import autocast_context
@@ -32,10 +32,11 @@ METHODS = ("none", "bn", "tent")
 def check_adapt(settings: AdaptConfig) -> AdaptConfig:
     """`settings` (the run's `adapt` section) if every count is >= 1 and the lr positive."""
     s = settings
-    if s.batch_size < 1 or s.tent_steps < 1 or s.tent_lr <= 0:
+    if s.batch_size < 1 or s.tent_steps < 1 or s.tent_lr <= 0 or s.stats_clips < 0:
         raise ValueError(
             f"adapt.batch_size={s.batch_size}, adapt.tent_steps={s.tent_steps}, "
-            f"adapt.tent_lr={s.tent_lr}: give a batch size and steps >= 1 and a lr > 0"
+            f"adapt.tent_lr={s.tent_lr}, adapt.stats_clips={s.stats_clips}: give a batch size "
+            "and steps >= 1, a lr > 0 and a clip count >= 0 (0 = all)"
         )
     return s
 
@@ -208,6 +209,35 @@ def adapt(
     }
 
 
+def stats_sample(dataset: Dataset, clips: int, seed: int) -> Dataset:
+    """A fixed sample of at most `clips` items of `dataset` (0: all of it), in dataset order:
+    the same clips every round, so a site's re-estimated statistics change only with the
+    weights."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if clips == 0 or clips >= n:
+        return dataset
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, sorted(order[:clips].tolist()))
+
+
+def recompute_site_stats(
+    model: nn.Module,
+    train: Dataset,
+    device: torch.device,
+    settings: AdaptConfig,
+    *,
+    seed: int,
+    precision: str = "auto",
+) -> int:
+    """Re-estimate `model`'s BatchNorm statistics on a site's own training clips (no labels):
+    `strategy.local_norm=recompute`. The statistics a site kept from its last local model do
+    not match the averaged weights it receives (averaging shifts every layer's activations), so
+    it scores the received weights with statistics estimated for them. Returns the clips seen."""
+    s = check_adapt(settings)
+    sample = stats_sample(train, s.stats_clips, seed)
+    return recompute_bn_stats(model, unlabeled_batches(sample, s.batch_size), device, precision)
+
+
 def evaluate_adapted(
     model: nn.Module,
     dataset: Dataset,
@@ -245,6 +275,8 @@ __all__ = [
     "check_methods",
     "evaluate_adapted",
     "recompute_bn_stats",
+    "recompute_site_stats",
+    "stats_sample",
     "tent",
     "unlabeled_batches",
 ]

@@ -133,6 +133,64 @@ def test_heldout_site_sends_adapted_scores_and_nothing_else(cfg) -> None:
     assert not any(k.startswith(K.ADAPTED_PREFIX) for k in train_site)
 
 
+def test_recompute_scores_the_received_weights_with_statistics_of_the_sites_train_clips(
+    cfg,
+) -> None:
+    """`local_norm=recompute`: a training site scores the received model after re-estimating its
+    BN statistics on its own training clips (hdf.adapt.recompute_bn_stats by hand gives the same
+    loss), whatever statistics arrived; the train reply's score-first scores are the same; a
+    held-out site still scores the received statistics."""
+    import torch
+
+    from hdf.adapt import recompute_bn_stats, unlabeled_batches
+    from hdf.data import build_sources
+    from hdf.evaluate import evaluate
+
+    msg, model = _message(cfg, MessageType.EVALUATE)
+    with torch.no_grad():  # statistics that fit no site: every score depends on replacing them
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.fill_(3.0)
+                m.running_var.fill_(0.01)
+    msg.content[K.ARRAYS] = ArrayRecord(model.state_dict())
+    node = {"partition-id": 0, "num-partitions": 5}  # studio
+    plain = app(msg, _context(node)).content[K.METRICS]
+    msg.content[K.CONFIG][K.LOCAL_NORM] = "recompute"
+    got = app(msg, _context(node)).content[K.METRICS]
+    studio = next(s for s in build_sources(cfg.data) if s.name == "studio")
+    recompute_bn_stats(
+        model, unlabeled_batches(studio.split("train"), settings(cfg).adapt.batch_size), "cpu"
+    )
+    want = evaluate(model, studio.split("val"), torch.device("cpu"), batch_size=32)
+    assert got[K.LOSS] == pytest.approx(want["loss"], rel=1e-5)
+    assert got[K.LOSS] != pytest.approx(plain[K.LOSS], rel=1e-3)
+
+    train, _ = _message(cfg, MessageType.TRAIN)
+    train.content[K.ARRAYS] = msg.content[K.ARRAYS]
+    train.content[K.CONFIG][K.LOCAL_NORM] = "recompute"
+    train.content[K.CONFIG][K.SCORE_FIRST] = 1
+    first = app(train, _context(node)).content[K.EVAL_METRICS]
+    assert first[K.LOSS] == pytest.approx(want["loss"], rel=1e-5)
+
+    held = app(msg, _context({"source": HELDOUT_SOURCE[0]})).content[K.METRICS]
+    msg.content[K.CONFIG][K.LOCAL_NORM] = "none"
+    assert held[K.LOSS] == pytest.approx(
+        app(msg, _context({"source": HELDOUT_SOURCE[0]})).content[K.METRICS][K.LOSS], rel=1e-6
+    )
+
+
+def test_stats_sample_is_a_fixed_bounded_subset() -> None:
+    """`adapt.stats_clips`: at most that many clips, the same ones for the same seed, in
+    dataset order; 0 or a count above the split's size takes it all."""
+    from hdf.adapt import stats_sample
+
+    data = list(range(10))
+    a = stats_sample(data, 4, seed=3)
+    assert len(a) == 4 and list(a) == sorted(a) and list(a) == list(stats_sample(data, 4, seed=3))
+    assert list(stats_sample(data, 4, seed=4)) != list(a)
+    assert stats_sample(data, 0, seed=3) is data and stats_sample(data, 10, seed=3) is data
+
+
 def test_the_runs_weight_decay_reaches_the_clients_optimizer(cfg, monkeypatch) -> None:
     """Regularisation for DRO runs (issue 14): `train.weight_decay` set on the run is what every
     client's AdamW uses (the run config travels in each train message)."""

@@ -522,7 +522,7 @@ def test_feddg_ga_adjusts_weights_by_the_gap() -> None:
     np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 1.6 / 3 + 1.4 / 3), rtol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["stats", "all"])
+@pytest.mark.parametrize("mode", ["stats", "recompute", "all"])
 def test_local_norm_flags_train_and_evaluate_configs(mode: str) -> None:
     s = _strategy(SourceFedAvg, local_norm=mode)
     grid = FakeGrid([10, 11, 12])

@@ -176,7 +176,10 @@ class StrategyConfig:
     fraction_train: float = 1.0  # share of training nodes sampled each round
     min_train_replies: int = 1  # fewer valid updates and the round keeps the previous model
     proximal_mu: float = 0.0  # FedProx: (mu/2)||w - w_global||^2 in every client's loss
-    local_norm: str = "stats"  # stats (SiloBN: BN running statistics stay local) | all | none
+    # stats (SiloBN: BN running statistics stay local) | recompute (a site re-estimates the
+    # received model's BN statistics on its training clips before scoring it; adapt.stats_clips)
+    # | all (FedBN) | none
+    local_norm: str = "stats"
 
 
 @dataclass
@@ -326,6 +329,9 @@ class AdaptConfig:
     batch_size: int = 64  # clips per adaptation batch (AdaBN averages the per-batch statistics)
     tent_steps: int = 10  # TENT: Adam steps on the prediction entropy, one batch each
     tent_lr: float = 1.0e-3  # TENT: learning rate of the normalisation affine parameters
+    # strategy.local_norm=recompute: a training site re-estimates BN statistics on at most this
+    # many of its training clips (a fixed sample; 0 = all) before it scores a received model
+    stats_clips: int = 512
 
 
 @dataclass

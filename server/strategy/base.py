@@ -57,7 +57,7 @@ from server.validation import (
 )
 
 log = logging.getLogger(__name__)
-LOCAL_NORM_MODES = ("none", "stats", "all")
+LOCAL_NORM_MODES = ("none", "stats", "recompute", "all")
 
 
 class SourceFedAvg(FedAvg):
@@ -84,8 +84,11 @@ class SourceFedAvg(FedAvg):
     local_norm : str (default: "none")
         Normalisation state every training site keeps local and uses when it trains and scores:
         "all" (FedBN, Li et al. 2021: parameters and running statistics), "stats" (SiloBN,
-        Andreux et al. 2020: running statistics only, affine parameters shared) or "none". The
-        server still mixes every array, so held-out sources are scored with the mixed state.
+        Andreux et al. 2020: running statistics only, affine parameters shared), "recompute"
+        (like "stats", but the statistics are re-estimated for the received weights on the
+        site's own training clips before it scores them, instead of kept from its last local
+        model) or "none". The server still mixes every array, so held-out sources are scored
+        with the mixed state.
     server_opt : ServerOptimizer | None (default: None)
         Steps from the global model along `mix - global` (FedAvgM, FedAdam, FedYogi, a server
         lr); None takes the mix as the new model.
