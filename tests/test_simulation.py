@@ -164,17 +164,19 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch) -> None:
     """Resume is bit-identical to a run in one go (CPU, deterministic), both ways:
     a 2-round run that died after round 1, resumed with `resume=` alone, keeps its 2 rounds;
     a 1-round run extended with an explicit `rounds=2` (its config.yaml then says 2). The
-    server optimiser (FedYogi: moments carried in the checkpoint) is on."""
+    server optimiser (FedYogi: moments carried in the checkpoint) is on, and sites score with
+    their own BN statistics (`local_norm=recompute`, re-estimated for each received model)."""
     from server.federation import Federation
 
-    # Sites' own state (local_norm statistics, kept optimiser moments) lives in Flower's
+    # Sites' kept state (local_norm=stats/all, kept optimiser moments) lives in Flower's
     # context.state, which a resumed run, a new Flower run, starts without: bit-exact resume
-    # holds for what the server checkpoints, so the sites keep nothing here.
+    # holds for what the server checkpoints, so the sites keep nothing here; `recompute` gives
+    # them their own statistics without keeping any.
     det = (
         "deterministic=true",
         "server_opt.name=yogi",
         "server_opt.lr=0.01",
-        "strategy.local_norm=none",
+        "strategy.local_norm=recompute",
     )
     full_cfg = _cfg(tmp_path, *det, "name=full")
     full = open_run(full_cfg)
