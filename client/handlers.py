@@ -37,9 +37,12 @@ from hdf.train import loss_on_sample, train_local
 log = logging.getLogger(__name__)
 
 
-def _site(msg: Message, context: Context) -> tuple[Site, ConfigRecord]:
+def _site(
+    msg: Message, context: Context, weights: dict[str, torch.Tensor]
+) -> tuple[Site, ConfigRecord]:
+    """The site, its model holding `weights` (the received model)."""
     config = msg.content[K.CONFIG]
-    return get_site(str(config[K.RUN_CONFIG]), dict(context.node_config)), config
+    return get_site(str(config[K.RUN_CONFIG]), dict(context.node_config), weights), config
 
 
 def local_norm_mode(config: ConfigRecord) -> str | None:
@@ -78,15 +81,14 @@ def train(msg: Message, context: Context) -> Message:
     an evaluate message would, and replies those scores as `eval-metrics` too: the round's
     training and the evaluation of the model it starts from take one exchange.
     """
-    site, config = _site(msg, context)
+    got = received(msg.content)
+    site, config = _site(msg, context, got.state)
     if site.heldout:
         raise RuntimeError(
             f"source {site.source.name!r} is held out in this run and never trains; "
             "the server should only send it evaluate messages"
         )
     cfg = site.cfg
-    got = received(msg.content)
-    site.model.load_state_dict(got.state)
     local_norm = local_norm_mode(config)
     if local_norm is not None:
         restore_local_norm(site.model, context)
@@ -183,8 +185,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     unlabeled clips with each method of the run's `server.heldout_adapt` (`hdf.adapt`); only
     the scores go back (keys `adapted-<method>-...`), never the adapted weights.
     """
-    site, config = _site(msg, context)
-    site.model.load_state_dict(received(msg.content).state)
+    site, config = _site(msg, context, received(msg.content).state)
     if local_norm_mode(config) is not None and not site.heldout:
         restore_local_norm(site.model, context)
     split = "test" if site.heldout else str(config.get(K.SPLIT, "val"))
