@@ -30,6 +30,7 @@ from hdf.classes import NUM_CLASSES
 from hdf.config import load
 from hdf.evaluate import evaluate as evaluate_model
 from hdf.models.hdf_net import NORM_PARTS, norm_state_keys
+from hdf.npy import torch_state
 from hdf.optim.base import OptimizerStateError
 from hdf.seeding import round_seed
 from hdf.train import loss_on_sample, train_local
@@ -58,7 +59,7 @@ def local_norm_mode(config: ConfigRecord) -> str | None:
 def restore_local_norm(model: torch.nn.Module, context: Context) -> None:
     """Put this site's own normalization state over the received one (if it has kept any)."""
     if K.LOCAL_NORM_STATE in context.state.array_records:
-        own = context.state[K.LOCAL_NORM_STATE].to_torch_state_dict()
+        own = torch_state(context.state[K.LOCAL_NORM_STATE])
         model.load_state_dict(own, strict=False)
 
 
