@@ -30,6 +30,7 @@ from hdf.classes import NUM_CLASSES
 from hdf.config import load
 from hdf.evaluate import evaluate as evaluate_model
 from hdf.models.hdf_net import NORM_PARTS, norm_state_keys
+from hdf.npy import torch_state
 from hdf.optim.base import OptimizerStateError
 from hdf.seeding import round_seed
 from hdf.train import loss_on_sample, train_local
@@ -37,9 +38,12 @@ from hdf.train import loss_on_sample, train_local
 log = logging.getLogger(__name__)
 
 
-def _site(msg: Message, context: Context) -> tuple[Site, ConfigRecord]:
+def _site(
+    msg: Message, context: Context, weights: dict[str, torch.Tensor]
+) -> tuple[Site, ConfigRecord]:
+    """The site, its model holding `weights` (the received model)."""
     config = msg.content[K.CONFIG]
-    return get_site(str(config[K.RUN_CONFIG]), dict(context.node_config)), config
+    return get_site(str(config[K.RUN_CONFIG]), dict(context.node_config), weights), config
 
 
 # "recompute" keeps nothing between rounds: the statistics are re-estimated for each model.
@@ -78,7 +82,7 @@ def own_norm(site: Site, context: Context, mode: str | None) -> None:
 def restore_local_norm(model: torch.nn.Module, context: Context) -> None:
     """Put this site's own normalization state over the received one (if it has kept any)."""
     if K.LOCAL_NORM_STATE in context.state.array_records:
-        own = context.state[K.LOCAL_NORM_STATE].to_torch_state_dict()
+        own = torch_state(context.state[K.LOCAL_NORM_STATE])
         model.load_state_dict(own, strict=False)
 
 
@@ -101,15 +105,14 @@ def train(msg: Message, context: Context) -> Message:
     an evaluate message would, and replies those scores as `eval-metrics` too: the round's
     training and the evaluation of the model it starts from take one exchange.
     """
-    site, config = _site(msg, context)
+    got = received(msg.content)
+    site, config = _site(msg, context, got.state)
     if site.heldout:
         raise RuntimeError(
             f"source {site.source.name!r} is held out in this run and never trains; "
             "the server should only send it evaluate messages"
         )
     cfg = site.cfg
-    got = received(msg.content)
-    site.model.load_state_dict(got.state)
     local_norm = local_norm_mode(config)
     own_norm(site, context, local_norm)
     scored = split_scores(site) if int(config.get(K.SCORE_FIRST, 0)) == 1 else None
@@ -205,8 +208,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     unlabeled clips with each method of the run's `server.heldout_adapt` (`hdf.adapt`); only
     the scores go back (keys `adapted-<method>-...`), never the adapted weights.
     """
-    site, config = _site(msg, context)
-    site.model.load_state_dict(received(msg.content).state)
+    site, config = _site(msg, context, received(msg.content).state)
     if not site.heldout:
         own_norm(site, context, local_norm_mode(config))
     split = "test" if site.heldout else str(config.get(K.SPLIT, "val"))

@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from client.site import config_key
 from hdf import contract as K
+from hdf.npy import torch_state
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def restore_optimizer_state(
         log.info("round %d: optimiser state dropped: %s", server_round, reason or "no arrays")
         drop_optimizer_state(context)
         return None
-    return context.state.array_records[K.OPTIMIZER_STATE].to_torch_state_dict()
+    return torch_state(context.state.array_records[K.OPTIMIZER_STATE])
 
 
 def save_optimizer_state(

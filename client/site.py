@@ -111,10 +111,18 @@ def site_threads(run: RunConfig, node_config: dict[str, Any]) -> int:
     return os.cpu_count() or 1
 
 
-def get_site(cfg_yaml: str, node_config: dict[str, Any]) -> Site:
-    """The cached site for this node and run config (built on first use)."""
+def get_site(cfg_yaml: str, node_config: dict[str, Any], weights: dict[str, torch.Tensor]) -> Site:
+    """The cached site for this node and run config (built on first use), its model holding
+    `weights` (the model a message carries; a strict load: a missing or extra key, or a shape
+    that differs, raises and leaves no site behind).
+
+    Every message overwrites the whole model, so it is built without its weight initialisation
+    (`build_model(init=False)`): a deployed site builds it for every message.
+    """
     key = (config_key(cfg_yaml), repr(sorted(node_config.items())))
-    if key not in _SITES:
+    if key in _SITES:
+        _SITES[key].model.load_state_dict(weights)
+    else:
         cfg = load(cfg_yaml, "the run config the server sent")
         run = settings(cfg)
         torch.set_num_threads(site_threads(run, node_config))
@@ -122,7 +130,9 @@ def get_site(cfg_yaml: str, node_config: dict[str, Any]) -> Site:
             set_deterministic(True)
         source, heldout = resolve_source(cfg, node_config)
         device = resolve_device(run.device)
-        model = build_model(run.model, run.data.num_frames, run.data.size).to(device)
+        model = build_model(run.model, run.data.num_frames, run.data.size, init=False)
+        model = model.to(device)
+        model.load_state_dict(weights)
         if len(_SITES) >= MAX_SITES:  # a process serves a few sources in turn (simulation)
             _SITES.pop(next(iter(_SITES)))
         _SITES[key] = Site(cfg, run, source, heldout, model, device)

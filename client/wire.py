@@ -14,6 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from hdf import contract as K
+from hdf.npy import array_view, torch_state
 from hdf.packing import float_delta, layout_record, pack, read_layout, unpack
 
 
@@ -27,14 +28,19 @@ class Received:
 
 
 def received(content: RecordDict) -> Received:
-    """The model in `content`; a malformed packed one raises PackingError (an error reply)."""
+    """The model in `content`; a malformed packed one raises PackingError (an error reply).
+
+    The packed buffer is read in place (`array_view`); each array is copied once into its
+    tensor (a 16-bit one only when widened, which already makes a new array)."""
     if K.LAYOUT not in content.config_records:
-        return Received(content[K.ARRAYS].to_torch_state_dict())
-    buffer = content[K.ARRAYS][K.PACKED].numpy()
+        return Received(torch_state(content[K.ARRAYS]))
+    buffer = array_view(content[K.ARRAYS][K.PACKED])
     entries, _ = read_layout(dict(content[K.LAYOUT]), buffer.nbytes)
     arrays = unpack(buffer, entries)
     wire = next((e.wire for e in entries if e.dtype == "float32"), "float32")
-    state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    state = {
+        k: torch.from_numpy(v if v.flags.writeable else np.array(v)) for k, v in arrays.items()
+    }
     return Received(state, wire, arrays)
 
 

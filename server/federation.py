@@ -25,6 +25,7 @@ from hdf.data import build_sources, split_sources
 from hdf.device import seed_everything, set_deterministic
 from hdf.evaluate import summarize
 from hdf.models import build_model
+from hdf.npy import torch_state
 from hdf.optim.schedule import lr_of_round
 from hdf.runfolder.folder import RunFolder, rng_state, set_rng_state
 from hdf.runfolder.report import format_row
@@ -300,7 +301,7 @@ class Federation:
         self.run.save_checkpoint(
             {
                 "round": server_round,
-                "model": self.arrays.to_torch_state_dict(),
+                "model": torch_state(self.arrays),
                 "strategy": self.strategy.state_dict(),
                 "server_opt": (
                     self.strategy.server_opt.state_dict()
@@ -459,7 +460,7 @@ class Federation:
         self.tracker.log(done)
         self.show(done)
         self.checkpoint(r)
-        self.best.offer(done, self.arrays.to_torch_state_dict)
+        self.best.offer(done, lambda: torch_state(self.arrays))
 
     def show(self, row: dict[str, Any]) -> None:
         self.console.print(format_row(row, int(self.cfg.rounds)))

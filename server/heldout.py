@@ -14,6 +14,7 @@ from hdf.data import Source
 from hdf.device import resolve_device
 from hdf.evaluate import evaluate
 from hdf.models import build_model
+from hdf.npy import torch_state
 
 
 class HeldoutEvaluator:
@@ -37,7 +38,7 @@ class HeldoutEvaluator:
     def __call__(self, arrays: ArrayRecord) -> dict[str, dict[str, Any]]:
         if not self.sources:
             return {}
-        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.model.load_state_dict(torch_state(arrays))
         out = {}
         for s in self.sources:
             stats = evaluate(
@@ -54,7 +55,7 @@ class HeldoutEvaluator:
         """{method: {source: stats}}: each source scored after adapting on its test clips."""
         if not self.sources or not self.methods:
             return {}
-        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.model.load_state_dict(torch_state(arrays))
         return {
             m: {
                 s.name: evaluate_adapted(

@@ -1,4 +1,5 @@
-"""The server's zero-copy reads of Flower Arrays and the blocked arithmetic built on them."""
+"""Reads of Flower Arrays without `Array.numpy()` (`hdf.npy`) and the server's blocked
+arithmetic built on them."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord
 
-from server.arrays import BLOCK, array_view
+from hdf.npy import array_view, torch_state
+from server.arrays import BLOCK
 from server.strategy.base import weighted_average
 from server.validation import update_norms
 
@@ -33,6 +36,28 @@ def test_view_equals_flowers_own_copy_and_shares_the_bytes(value: np.ndarray) ->
     np.testing.assert_array_equal(view, expected)
     if view.size:
         assert not view.flags.writeable  # a view of the message's bytes, not a copy
+
+
+@pytest.mark.parametrize("value", CASES, ids=lambda v: f"{v.dtype.str}{v.shape}")
+def test_torch_state_is_flowers_state_dict_bit_for_bit_in_writable_copies(value) -> None:
+    """Same dtype, shape, strides' order and bytes as `to_torch_state_dict()`; writing to a
+    tensor leaves the record's bytes as they were."""
+    record = ArrayRecord({"a": Array(value)})
+    before = bytes(bytearray(record["a"].data))  # a copy: bytes(b) would be b itself
+    if not value.dtype.isnative:  # torch has no big-endian tensors: both refuse
+        with pytest.raises(ValueError, match="byte order"):
+            record.to_torch_state_dict()
+        with pytest.raises(ValueError, match="byte order"):
+            torch_state(record)
+        return
+    theirs = record.to_torch_state_dict()["a"]
+    mine = torch_state(record)["a"]
+    assert mine.dtype == theirs.dtype and mine.shape == theirs.shape
+    assert mine.is_contiguous() == theirs.is_contiguous()
+    assert mine.numpy().tobytes(order="A") == theirs.numpy().tobytes(order="A")
+    if mine.numel():
+        mine[(0,) * mine.dim()] = 1 if mine.dtype != torch.bool else False
+    assert record["a"].data == before
 
 
 def test_a_header_that_disagrees_with_the_array_fields_is_parsed() -> None:

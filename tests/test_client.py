@@ -98,6 +98,37 @@ def test_unknown_source_name_is_a_clear_error(cfg) -> None:
         app(msg, _context({"source": "no-such-site"}))
 
 
+def test_a_site_holds_exactly_the_received_model_or_is_not_built(cfg) -> None:
+    """The site's model (built without weight init) is the received one bit for bit; a
+    received model missing a key, with an extra key or a wrong shape fails loudly, for a new
+    site (which is then not kept) and for a kept one."""
+    import torch
+
+    from client import site
+
+    sent = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
+    weights = {k: v + 0.5 if v.is_floating_point() else v for k, v in sent.state_dict().items()}
+    first = next(iter(weights))
+    missing = {k: v for k, v in weights.items() if k != first}
+    extra = {**weights, "head.bias2": torch.zeros(1)}
+    wrong = {**weights, first: torch.zeros(3)}
+    yaml, node = to_yaml(cfg), {"partition-id": 0}
+    site._SITES.clear()
+    try:
+        for bad, why in ((missing, "Missing key"), (extra, "Unexpected key"), (wrong, "size")):
+            with pytest.raises(RuntimeError, match=why):
+                site.get_site(yaml, node, bad)
+            assert not site._SITES
+        built = site.get_site(yaml, node, weights)
+        got = built.model.state_dict()
+        assert got.keys() == weights.keys()
+        assert all(torch.equal(got[k], v) for k, v in weights.items())
+        with pytest.raises(RuntimeError, match="Missing key"):
+            site.get_site(yaml, node, missing)
+    finally:
+        site._SITES.clear()
+
+
 def test_heldout_site_sends_adapted_scores_and_nothing_else(cfg) -> None:
     """An evaluation-only site (source phone, held out) with server.heldout_adapt=[none,bn]:
     the reply carries only metrics; its plain scores are those of the received model and its

@@ -251,7 +251,8 @@ def test_deterministic_switches_torch_to_deterministic_algorithms(tmp_path: Path
     torch.backends.cudnn.benchmark = False
     assert not torch.are_deterministic_algorithms_enabled()
     try:
-        site.get_site(to_yaml(cfg), {"partition-id": 0})
+        weights = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
+        site.get_site(to_yaml(cfg), {"partition-id": 0}, weights.state_dict())
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic
     finally:

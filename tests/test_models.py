@@ -173,6 +173,60 @@ def test_channels_last_3d_matches_contiguous(name: str) -> None:
         torch.testing.assert_close(fast(x)[0], ref(ref.preprocess(_clips()))[0])
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's raw bytes (NaN payloads and -0.0 compared too)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+@pytest.mark.parametrize("name", BACKBONES)
+def test_build_without_init_then_strict_load_is_the_normal_model(name: str, norm: str) -> None:
+    """init=False plus a strict load of a model's state gives that model bit for bit: every
+    parameter and buffer (the non-persistent input mean/std and DAM's DCT bank included), the
+    measured stage shapes and the output."""
+    torch.manual_seed(0)
+    ref = build_model(_cfg(name, norm=norm), T, SIZE).eval()
+    got = build_model(_cfg(name, norm=norm), T, SIZE, init=False)
+    got.load_state_dict(ref.state_dict())
+    got.eval()
+    for kind, mine, theirs in (
+        ("parameter", dict(got.named_parameters()), dict(ref.named_parameters())),
+        ("buffer", dict(got.named_buffers()), dict(ref.named_buffers())),
+    ):
+        assert mine.keys() == theirs.keys(), kind
+        for k, v in theirs.items():
+            assert mine[k].dtype == v.dtype and mine[k].shape == v.shape, f"{kind} {k}"
+            assert torch.equal(_bits(mine[k]), _bits(v)), f"{kind} {k} differs"
+    assert "mean" in dict(got.named_buffers()) and "mean" not in got.state_dict()
+    assert (got.stage_frames, got.feature_dim) == (ref.stage_frames, ref.feature_dim)
+    x = ref.preprocess(_clips())
+    with torch.no_grad():
+        assert torch.equal(got(x)[0], ref(x)[0])
+
+
+def test_build_without_init_draws_no_random_numbers_and_restores_torch_init() -> None:
+    """Without DAM (whose noise is drawn by torch.randn, not an initialiser) a build with
+    init=False never touches the global RNG, and torch.nn.init is itself again afterwards."""
+    before = torch.nn.init.kaiming_uniform_
+    for name in ("tiny3d", "r3d_18"):
+        torch.manual_seed(0)
+        build_model(_cfg(name, dam={"enabled": False}), T, SIZE, init=False)
+        assert torch.equal(torch.rand(3), torch.manual_seed(0) and torch.rand(3)), name
+    torch.manual_seed(0)
+    build_model(_cfg("tiny3d", dam={"enabled": False}), T, SIZE)
+    assert not torch.equal(torch.rand(3), torch.manual_seed(0) and torch.rand(3))
+    assert torch.nn.init.kaiming_uniform_ is before
+
+
+def test_build_without_init_skips_the_weights_file(tmp_path: Path) -> None:
+    """model.weights is not read when the whole state is loaded next (a site need not hold
+    the server's file); a normal build still reads it."""
+    missing = tmp_path / "absent.pt"
+    build_model(_cfg("tiny3d", weights=str(missing)), T, SIZE, init=False)
+    with pytest.raises(FileNotFoundError, match=r"absent\.pt"):
+        build_model(_cfg("tiny3d", weights=str(missing)), T, SIZE)
+
+
 def test_stage_frames_follow_each_backbone() -> None:
     """tiny3d and mc3_18 keep T at every stage; r3d_18 halves it from layer2 (floor 1)."""
     off = {"enabled": False}

@@ -80,6 +80,30 @@ def _run(wire: WireFormat, rounds: int = 3, scale: float = 1e-2):
     return {k: a.numpy() for k, a in arrays.items()}, s.lam.copy()
 
 
+@pytest.mark.parametrize("wire", ["float32", "bfloat16"])
+def test_the_site_reads_a_packed_model_in_place_into_writable_tensors(wire, monkeypatch) -> None:
+    """The packed buffer is read without `Array.numpy()` (np.load: 0.29 CPU s for r3d_18's
+    133 MB); the tensors are the packed arrays (as 16-bit rounds them) and can be written."""
+    state = _global()
+    buffer, entries = pack(state, wire)
+    content = RecordDict(
+        {
+            K.ARRAYS: ArrayRecord({K.PACKED: Array(buffer)}),
+            K.LAYOUT: ConfigRecord(layout_record(entries)),
+        }
+    )
+    monkeypatch.setattr(Array, "numpy", lambda self: pytest.fail("Array.numpy() was called"))
+    got = received(content)
+    for k, v in state.items():
+        t = got.state[k]
+        rounded = wire == "bfloat16" and v.dtype == np.float32
+        want = torch.from_numpy(v).to(torch.bfloat16).float() if rounded else v
+        assert t.dtype == torch.from_numpy(v).dtype and t.shape == v.shape
+        assert t.numpy().tobytes() == np.asarray(want).tobytes(), k
+        t.add_(1)  # a writable tensor of its own: the message's bytes stay as they came
+    assert content[K.ARRAYS][K.PACKED].data[-len(buffer) :] == buffer.tobytes()
+
+
 def test_packed_and_unpacked_transfer_give_the_same_model_bit_for_bit_and_lambdas() -> None:
     packed, lam_packed = _run(WireFormat(pack=True))
     plain, lam_plain = _run(WireFormat(pack=False))

@@ -230,12 +230,31 @@ def norm_state_keys(module: nn.Module, part: str = "all") -> list[str]:
     return keys
 
 
-def build_model(settings: ModelConfig, num_frames: int, size: int, num_classes: int = 7) -> HDFNet:
+def build_model(
+    settings: ModelConfig, num_frames: int, size: int, num_classes: int = 7, *, init: bool = True
+) -> HDFNet:
     """An HDFNet from the run's typed ``model`` settings (`hdf.config.model_settings` makes them
     from a mapping): the backbone's own keys go to its builder, DAM after the stages chosen.
 
+    `init=False` skips the weight initialisation and `settings.weights` (`hdf.models.no_init`):
+    only for a model whose whole state a strict `load_state_dict` overwrites next.
+
     Reference: HDF (Cui et al., ACM MM 2025), ``docs/hdf_method.md`` §R3: DAM after each stage.
     """
+    if not init:
+        from hdf.models.no_init import no_weight_init
+
+        with no_weight_init():
+            return _build(settings, num_frames, size, num_classes)
+    model = _build(settings, num_frames, size, num_classes)
+    if settings.weights:
+        from hdf.models.weights import load_weights
+
+        load_weights(model, settings.weights)
+    return model
+
+
+def _build(settings: ModelConfig, num_frames: int, size: int, num_classes: int) -> HDFNet:
     builder = get_backbone_builder(settings.backbone)
     backbone = builder(
         settings.width, int(num_frames), int(size), norm=settings.norm, **settings.backbone_kwargs()
@@ -248,7 +267,7 @@ def build_model(settings: ModelConfig, num_frames: int, size: int, num_classes: 
         dam_stages = None
     else:
         dam_stages = [bool(s) for s in dam.stages]
-    model = HDFNet(
+    return HDFNet(
         backbone,
         num_frames,
         size,
@@ -260,8 +279,3 @@ def build_model(settings: ModelConfig, num_frames: int, size: int, num_classes: 
         channels_last=settings.channels_last,
         backbone_name=settings.backbone,
     )
-    if settings.weights:
-        from hdf.models.weights import load_weights
-
-        load_weights(model, settings.weights)
-    return model
