@@ -176,10 +176,10 @@ class StrategyConfig:
     fraction_train: float = 1.0  # share of training nodes sampled each round
     min_train_replies: int = 1  # fewer valid updates and the round keeps the previous model
     proximal_mu: float = 0.0  # FedProx: (mu/2)||w - w_global||^2 in every client's loss
-    # stats (SiloBN: BN running statistics stay local) | recompute (a site re-estimates the
-    # received model's BN statistics on its training clips before scoring it; adapt.stats_clips)
-    # | all (FedBN) | none
-    local_norm: str = "stats"
+    # recompute (a site re-estimates the received model's BN statistics on its own training
+    # clips before scoring it; adapt.stats_clips) | stats (SiloBN: a site keeps the BN running
+    # statistics of its last local model) | all (FedBN) | none
+    local_norm: str = "recompute"
 
 
 @dataclass
