@@ -20,7 +20,9 @@ are named by the overrides, so the parts fill one sweep that the full command th
 The sweep folder is named by a hash of the run overrides (not of the `loso.*` lists, so adding a
 strategy or a seed reuses what is done) and each run folder by a hash of its own overrides
 (DomainBed's sweep.py): a re-run skips runs with a `done` marker and resumes a run that died from
-its checkpoint. The sweep folder gets report.md, plots and summary.json (`simulations.loso_report`,
+its checkpoint. Neither name covers the code, so each run's loso.json records it (`git describe`)
+and a re-run warns about finished runs that other code made (they are reused as they are). The
+sweep folder gets report.md, plots and summary.json (`simulations.loso_report`,
 `simulations.loso_summary`); its path is the last line printed.
 
 Every strategy is compared with FedAvg and with the pooled baseline by paired differences over
@@ -216,8 +218,53 @@ def worker(strategy: str, run_dir: str, overrides: list[str]) -> int:
     return 0
 
 
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_version(root: Path = CODE_ROOT) -> str:
+    """The commit the sweep's code is at (`git describe --always --dirty`), or "unknown" outside
+    a git checkout: recorded in every run's loso.json, since a re-run reuses finished runs."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def other_code(runs: Sequence[RunSpec], code: str) -> dict[str, int]:
+    """Finished runs whose loso.json names code other than `code`: {version: runs}. A sweep
+    folder is named by its overrides, not by the code, so these are reused as they are."""
+    seen: dict[str, int] = {}
+    for run in runs:
+        if not run.done:
+            continue
+        try:
+            got = str(json.loads((run.path / RUN_INFO).read_text()).get("code", "unknown"))
+        except (OSError, ValueError, AttributeError):
+            got = "unknown"
+        if got != code:
+            seen[got] = seen.get(got, 0) + 1
+    return seen
+
+
 def run_sweep(sweep: Sweep, launcher: Callable[[RunSpec], int] = launch_subprocess) -> None:
     sweep.path.mkdir(parents=True, exist_ok=True)
+    code = code_version()
+    stale = other_code(sweep.runs, code)
+    if stale:
+        which = ", ".join(f"{n} at {v}" for v, n in sorted(stale.items()))
+        print(
+            f"warning: {sum(stale.values())} finished runs of this sweep were made by other code "
+            f"({which}; this is {code}) and are reused as they are; to run them again with this "
+            "code, delete their folders or give a new loso.root",
+            flush=True,
+        )
     info = {
         "overrides": sweep.base,
         "strategies": sweep.strategies,
@@ -256,6 +303,7 @@ def run_sweep(sweep: Sweep, launcher: Callable[[RunSpec], int] = launch_subproce
             "wall_s": wall,
             "jobs": sweep.jobs,
             "returncode": rc,
+            "code": code,
         }
         (run.path / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
 

@@ -13,7 +13,7 @@ from typing import Any
 from hdf.runfolder.folder import DONE_FILE, RunFolder
 
 CENTRALIZED = "centralized"  # the pooled baseline's entry (`simulations.centralized`)
-RUN_INFO = "loso.json"  # per run: entry, held-out source, seed, overrides, wall seconds, exit code
+RUN_INFO = "loso.json"  # per run: entry, held-out source, seed, overrides, wall s, exit code, code
 LOG_FILE = "log.txt"  # per run: the child process's output
 
 

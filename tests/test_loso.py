@@ -124,6 +124,44 @@ def test_sweep_writes_summary_and_skips_finished_runs(tmp_path, capsys) -> None:
     assert loso.plan(more).path == sweep.path
 
 
+def test_runs_record_their_code_and_reused_runs_of_other_code_are_named(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    """A sweep folder is named by its overrides, not its code: a re-run after a code change
+    reuses finished runs, so each run's loso.json records the code (git describe) and the
+    re-run says how many finished runs other code made, and which."""
+    uar = {("fedavg", h, 0): 0.5 for h in SOURCES}
+    argv = [*BASE, f"loso.root={tmp_path}", "loso.strategies=[fedavg]", "loso.seeds=[0]"]
+    monkeypatch.setattr(loso, "code_version", lambda: "abc123")
+    assert loso.main(argv, launcher=_fake_launcher(uar, [])) == 0
+    runs = loso.plan(argv).runs
+    assert [json.loads((r.path / loso.RUN_INFO).read_text())["code"] for r in runs] == [
+        "abc123"
+    ] * 3
+    capsys.readouterr()
+    assert loso.main(argv, launcher=_fake_launcher(uar, [])) == 0
+    assert "warning" not in capsys.readouterr().out  # same code: nothing to say
+    monkeypatch.setattr(loso, "code_version", lambda: "def456-dirty")
+    info = runs[0].path / loso.RUN_INFO
+    info.write_text(
+        json.dumps({k: v for k, v in json.loads(info.read_text()).items() if k != "code"})
+    )
+    assert loso.main(argv, launcher=_fake_launcher(uar, [])) == 0
+    out = capsys.readouterr().out
+    assert "warning: 3 finished runs of this sweep were made by other code" in out
+    assert "2 at abc123, 1 at unknown; this is def456-dirty" in out
+
+
+def test_code_version_is_the_checkouts_commit_or_unknown(tmp_path) -> None:
+    """Inside this checkout: git's description of HEAD; outside any git checkout: unknown."""
+    here = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    if here:
+        assert here in loso.code_version()
+    assert loso.code_version(tmp_path) == "unknown"
+
+
 def _three_way(tmp_path, early: float = 0.0) -> tuple[dict, str]:
     """fedavg and dro as in the test above, plus centralized at .8 everywhere."""
     uar = {}
