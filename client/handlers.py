@@ -46,20 +46,14 @@ def _site(
     return get_site(str(config[K.RUN_CONFIG]), dict(context.node_config), weights), config
 
 
-# "recompute" keeps nothing between rounds: the statistics are re-estimated for each model.
-LOCAL_NORM_MODES = (*NORM_PARTS, "recompute")
-
-
 def local_norm_mode(config: ConfigRecord) -> str | None:
     """Which normalisation state this site keeps local ("all", "stats") or re-estimates
     ("recompute"), or None (all shared)."""
     mode = str(config.get(K.LOCAL_NORM, "none"))
     if mode == "none":
         return None
-    if mode not in LOCAL_NORM_MODES:
-        raise ValueError(
-            f"{K.LOCAL_NORM}={mode!r} is not one of none, {', '.join(LOCAL_NORM_MODES)}"
-        )
+    if mode not in K.LOCAL_NORM_MODES:
+        raise ValueError(f"{K.LOCAL_NORM}={mode!r} is not one of {', '.join(K.LOCAL_NORM_MODES)}")
     return mode
 
 

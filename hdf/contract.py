@@ -51,6 +51,7 @@ NUM_PARTITIONS = "num-partitions"  # query reply: simulated federation size (0 w
 
 # Strategy extras (server -> client config; client -> server optional metrics).
 LOCAL_NORM = "local-norm"  # config, "all" (FedBN) | "stats" (SiloBN) | "recompute": site norm state
+LOCAL_NORM_MODES = ("none", "stats", "recompute", "all")  # the values LOCAL_NORM may take
 LOCAL_NORM_STATE = "local-norm"  # context.state ArrayRecord: this site's own normalization layers
 LOCAL_VAL_LOSS = "local-val-loss"  # optional: the trained local model's validation loss (FedDG-GA)
 OPTIMIZER_STATE = "optimizer-state"  # context.state ArrayRecord: this site's optimiser state

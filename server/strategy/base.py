@@ -57,7 +57,6 @@ from server.validation import (
 )
 
 log = logging.getLogger(__name__)
-LOCAL_NORM_MODES = ("none", "stats", "recompute", "all")
 
 
 class SourceFedAvg(FedAvg):
@@ -120,9 +119,9 @@ class SourceFedAvg(FedAvg):
         loss_tolerance: float = 2.0,
         wire: WireFormat | None = None,
     ) -> None:
-        if local_norm not in LOCAL_NORM_MODES:
+        if local_norm not in K.LOCAL_NORM_MODES:
             raise ValueError(
-                f"strategy.local_norm={local_norm!r}; choose one of {', '.join(LOCAL_NORM_MODES)}"
+                f"strategy.local_norm={local_norm!r}; choose one of {', '.join(K.LOCAL_NORM_MODES)}"
             )
         super().__init__(
             fraction_train=fraction_train,
