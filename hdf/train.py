@@ -135,7 +135,7 @@ def train_local(
 
     Returns means over the training steps of the first-pass (unperturbed) loss and its parts,
     UAR/WAR of the first-pass training predictions, the mean SAM gradient norm g, the number of
-    examples and of steps, and the steps skipped for a non-finite loss. With
+    examples and of steps, and the steps skipped for a non-finite loss or gradient. With
     ``train.keep_optimizer_state`` it also returns ``optimizer_state``: the base optimiser's
     per-parameter state after the last step (SAM keeps none of its own), which a later call
     continues from when given as ``optimizer_state`` (`OptimizerStateError`, before any step,
@@ -234,8 +234,8 @@ def train_local(
         "uar": uar(y_true, y_pred),
         "war": war(y_true, y_pred),
         "num_examples": n,
-        "steps": steps,
-        "skipped_steps": skipped,
+        "steps": steps - sam.skipped,
+        "skipped_steps": skipped + sam.skipped,
         "grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
         "seconds": time.perf_counter() - t0,
     }

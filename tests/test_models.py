@@ -22,11 +22,6 @@ T, SIZE, BATCH, CLASSES = 4, 32, 2, 7
 BACKBONES = list_backbones()
 # Per-backbone config extras; why: tiny3d's width is free, width 8 keeps the test fast.
 _EXTRA = {"tiny3d": {"width": 8}}
-# Backbones whose CPU bf16 backward is not checked; why: torch 2.14.1's oneDNN bf16 conv3d
-# weight gradient of a 3x1x1 kernel (padding 1) on a T=2 input is non-finite at random (upstream
-# bug, reproduced with a bare F.conv3d; fine in fp32 and with mkldnn off). R(2+1)D's temporal
-# convs see T=2 at layer2 or later for every clip length; CPU training is fp32 by default.
-_CPU_BF16_BACKWARD_BROKEN = {"r2plus1d_18"}
 
 
 def _cfg(name: str, **overrides: object) -> ModelConfig:
@@ -143,19 +138,27 @@ def test_dam_disabled_is_the_plain_backbone(name: str) -> None:
     torch.testing.assert_close(features, plain)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # from mkldnn.flags
 @pytest.mark.parametrize("name", BACKBONES)
 def test_bf16_autocast_on_cpu(name: str) -> None:
-    """The model runs forward and backward under CPU bf16 autocast with finite results."""
+    """The model runs forward and backward under CPU bf16 autocast with finite results.
+
+    oneDNN is off; why: torch 2.14.1's oneDNN bf16 conv3d weight gradient of a temporal kernel
+    as long as or longer than its input (R(2+1)D's 3x1x1 at T=2, X3D's 5x1x1 stem at T=4) is
+    non-finite at random (upstream; a bare F.conv3d reproduces it, fp32 and the native kernels
+    do not). What is checked here is our model code in bf16; SAM skips a step whose gradient is
+    not finite (tests/test_sam.py), so training survives the upstream bug.
+    """
     torch.manual_seed(0)
     model = build_model(_cfg(name), T, SIZE)
     x = model.preprocess(_clips())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, _ = model(x)
-    assert logits.shape == (BATCH, CLASSES) and torch.isfinite(logits.float()).all()
-    logits.float().sum().backward()
-    if name not in _CPU_BF16_BACKWARD_BROKEN:
-        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
-        assert not bad, f"non-finite gradients under CPU bf16: {bad[:5]}"
+    with torch.backends.mkldnn.flags(enabled=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, _ = model(x)
+        assert logits.shape == (BATCH, CLASSES) and torch.isfinite(logits.float()).all()
+        logits.float().sum().backward()
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradients under CPU bf16: {bad[:5]}"
 
 
 @pytest.mark.parametrize("name", ["tiny3d", "mc3_18"])

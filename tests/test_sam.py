@@ -169,3 +169,26 @@ def test_step_with_rho_zero_is_one_plain_step() -> None:
     sam.step(model(x).sum(), lambda g: pytest.fail("no second pass expected"))
     for p, w, gr in zip(model.parameters(), w0, grads, strict=True):
         torch.testing.assert_close(p.detach(), w - 0.5 * gr)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.05])
+def test_a_non_finite_gradient_skips_the_step_and_is_counted(rho: float) -> None:
+    """A NaN in the gradient the base step would use leaves the weights and the optimiser
+    state as they were (AdamW would spread it into every weight); the next finite step runs."""
+    model = _model()
+    x = torch.randn(8, 3)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    base = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sam = SAM(model.parameters(), base, rho=rho)
+
+    def nan_loss(_g: float) -> torch.Tensor:
+        return model(x).square().sum() * float("nan")
+
+    loss = model(x).square().sum() * (float("nan") if rho == 0 else 1.0)
+    sam.step(loss, nan_loss)
+    assert sam.skipped == 1 and not base.state
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0, strict=True))
+    sam.step(model(x).square().sum(), lambda _g: model(x).square().sum())
+    assert sam.skipped == 1 and base.state
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, w) for p, w in zip(model.parameters(), w0, strict=True))

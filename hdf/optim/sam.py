@@ -35,6 +35,7 @@ class SAM:
         # whether they hold weights to restore.
         self._saved: list[torch.Tensor] | None = None
         self._perturbed = False
+        self.skipped = 0  # base steps not taken because a gradient was not finite
 
     @property
     def two_pass(self) -> bool:
@@ -81,10 +82,19 @@ class SAM:
         self._perturbed = False
 
     def second_step(self, scaler: torch.amp.GradScaler | None = None) -> None:
-        """Restore the weights, then step the base optimizer with the current gradients."""
+        """Restore the weights, then step the base optimizer with the current gradients.
+
+        A non-finite gradient skips the step and counts it in ``skipped``, as fp16's GradScaler
+        does for its overflows; why: one NaN would otherwise spread into every weight through
+        the optimiser's update (seen with torch 2.14's oneDNN bf16 conv3d weight gradients on
+        CPU, which are non-finite at random for short temporal inputs).
+        """
         self.restore()
         if scaler is None:
-            self.base_optimizer.step()
+            if math.isfinite(self.grad_norm()):
+                self.base_optimizer.step()
+            else:
+                self.skipped += 1
         else:
             scaler.step(self.base_optimizer)
             scaler.update()
