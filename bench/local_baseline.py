@@ -74,7 +74,7 @@ def _job(args: tuple[int, int, bool]) -> float:
         data,
         settings(cfg),
         device,
-        epochs=int(cfg.train.local_epochs),
+        epochs=float(cfg.train.local_epochs),
         lr=float(cfg.train.lr),
         seed=round_seed(int(cfg.seed), server_round, src.index),
     )

@@ -131,7 +131,7 @@ def train(msg: Message, context: Context) -> Message:
             data,
             site.settings,
             site.device,
-            epochs=int(config[K.LOCAL_EPOCHS]),
+            epochs=float(config[K.LOCAL_EPOCHS]),
             lr=float(config[K.LR]),
             seed=round_seed(int(cfg.seed), server_round, site.source.index),
             proximal_mu=float(config.get(K.PROXIMAL_MU, 0.0)),

@@ -24,7 +24,7 @@ LAYOUT_DELTA = "delta"  # 1: float arrays are (trained - received), as 16-bit re
 # Server -> client config keys.
 SERVER_ROUND = "server-round"
 RUN_CONFIG = "run-config"  # the resolved Hydra config as YAML text
-LOCAL_EPOCHS = "local-epochs"
+LOCAL_EPOCHS = "local-epochs"  # float: 0.5 is half a pass over the site's training split
 LR = "lr"
 PROXIMAL_MU = "proximal-mu"
 SPLIT = "split"  # evaluate: which split of the source to score ("val" or "test")

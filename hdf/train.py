@@ -9,6 +9,7 @@ per-parameter state is returned and may be passed to the next call (`hdf.optim.b
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -122,7 +123,7 @@ def train_local(
     cfg: RunConfig,
     device: torch.device,
     *,
-    epochs: int,
+    epochs: float,
     lr: float,
     seed: int,
     proximal_mu: float = 0.0,
@@ -130,6 +131,9 @@ def train_local(
     optimizer_state: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place for ``epochs`` passes over ``dataset`` with DSM + SAM(AdamW).
+
+    A fractional ``epochs`` takes ``round(epochs * batches per pass)`` steps (at least one); the
+    last pass stops early, on a prefix of that pass's shuffled order (a fresh order per ``seed``).
 
     `cfg` gives the run's ``train``, ``dsm`` and ``sam`` settings and ``precision``.
 
@@ -146,8 +150,8 @@ def train_local(
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
     keep_freed_memory()  # no page faults for re-allocating each step's tensors (hdf/host_memory.py)
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise ValueError(f"epochs must be a positive number (0.5 is half a pass), got {epochs}")
     train = cfg.train
     precision = cfg.precision
     amp_dtype = autocast_dtype(device, precision)
@@ -163,7 +167,8 @@ def train_local(
         pin_memory=device.type == "cuda",
         drop_last=False,
     )
-    steps_total = epochs * len(loader)
+    steps_total = max(1, round(epochs * len(loader)))
+    passes = math.ceil(steps_total / len(loader))
     base = build_optimizer(
         model,
         train.optimizer,
@@ -193,8 +198,12 @@ def train_local(
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(seed))  # dropout and anything else drawing from the global RNG
-        for epoch in range(epochs):
-            for clips, y, _ in loader:
+        for epoch in range(passes):
+            batches = min(len(loader), steps_total - epoch * len(loader))
+            # A whole pass runs the loader out (its sampler's last draw from `gen` included),
+            # so whole-epoch runs are the same bit for bit as before fractions existed.
+            part = loader if batches == len(loader) else itertools.islice(loader, batches)
+            for clips, y, _ in part:
                 clips = clips.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 x = model.preprocess(clips)
@@ -219,8 +228,8 @@ def train_local(
             if progress:
                 mean_loss = sums.get("total", float("nan")) / max(steps, 1)
                 print(
-                    f"  epoch {epoch + 1}/{epochs}: loss {mean_loss:.4f}, {steps} steps, "
-                    f"{time.perf_counter() - t0:.1f}s",
+                    f"  pass {epoch + 1}/{passes} ({batches} batches): loss {mean_loss:.4f}, "
+                    f"{steps} steps, {time.perf_counter() - t0:.1f}s",
                     file=sys.stderr,
                     flush=True,
                 )

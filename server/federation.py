@@ -221,7 +221,7 @@ class Federation:
         self.train_config = ConfigRecord(
             {
                 K.RUN_CONFIG: self.cfg_yaml,
-                K.LOCAL_EPOCHS: int(cfg.train.local_epochs),
+                K.LOCAL_EPOCHS: float(cfg.train.local_epochs),
             }
         )
         self.eval_config = ConfigRecord({K.RUN_CONFIG: self.cfg_yaml, K.SPLIT: "val"})

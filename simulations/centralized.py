@@ -94,7 +94,7 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
                 pooled,
                 settings,
                 device,
-                epochs=int(cfg.train.local_epochs),
+                epochs=float(cfg.train.local_epochs),
                 lr=lr_of_round(settings.train, r, settings.rounds),
                 seed=round_seed(int(cfg.seed), r),
                 optimizer_state=optimizer_state,

@@ -443,7 +443,7 @@ def test_compute_matched_preset_plans_equal_client_epochs() -> None:
     budgets = set()
     for run in sweep.runs:
         cfg = loso.compose(run.overrides)
-        budgets.add((int(cfg.rounds) * int(cfg.train.local_epochs), cfg.model.backbone))
+        budgets.add((cfg.rounds * cfg.train.local_epochs, cfg.model.backbone))
     assert budgets == {(20, "tiny3d")}
     mine = loso.plan(["experiment=compute_matched", "loso.strategies=[centralized,dro]"])
     assert mine.strategies == ["centralized", "dro"] and len(mine.runs) == 20

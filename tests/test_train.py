@@ -60,6 +60,56 @@ def _cfg(**sam: object) -> RunConfig:
 CPU = torch.device("cpu")
 
 
+class Recorded(torch.utils.data.Dataset):
+    """A dataset that records the order its clips are read in."""
+
+    def __init__(self, base: TensorClipDataset) -> None:
+        self.base, self.read = base, []
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        self.read.append(int(i))
+        return self.base[i]
+
+
+@pytest.mark.parametrize(("epochs", "steps"), [(0.5, 2), (1.25, 5), (2, 8), (0.01, 1)])
+def test_a_fraction_of_an_epoch_takes_that_share_of_the_steps(epochs: float, steps: int) -> None:
+    """32 clips at batch 8 are 4 steps a pass; 0.01 of a pass still takes one step."""
+    stats = train_local(StandIn(), _dataset(32), _cfg(), CPU, epochs=epochs, lr=1e-2, seed=0)
+    assert stats["steps"] == steps
+
+
+def test_a_fraction_reads_a_prefix_of_a_pass_and_whole_passes_read_as_before() -> None:
+    """Half an epoch reads the first half of the pass's shuffled order (another seed, another
+    half); two epochs read exactly what two passes of the seeded loader read, so whole-epoch
+    runs are unchanged by fractions (the sampler's closing draw from the generator included)."""
+    cfg = _cfg()
+    cfg.train.augment = False  # the sampler is then the only draw from the loader's generator
+    read = {}
+    for epochs, seed in [(2, 3), (0.5, 3), (0.5, 4)]:
+        data = Recorded(_dataset(32))
+        train_local(StandIn(), data, cfg, CPU, epochs=epochs, lr=1e-2, seed=seed)
+        read[epochs, seed] = data.read
+    hand = Recorded(_dataset(32))
+    gen = torch.Generator().manual_seed(3)
+    loader = torch.utils.data.DataLoader(hand, batch_size=8, shuffle=True, generator=gen)
+    for _pass in range(2):
+        for _batch in loader:
+            pass
+    hand = hand.read
+    assert read[2, 3] == hand
+    assert read[0.5, 3] == hand[:16]
+    assert read[0.5, 4] != read[0.5, 3] and sorted(set(read[0.5, 4])) != list(range(32))
+
+
+@pytest.mark.parametrize("epochs", [0, -1, float("nan"), float("inf")])
+def test_epochs_must_be_a_positive_number(epochs: float) -> None:
+    with pytest.raises(ValueError, match="epochs must be a positive number"):
+        train_local(StandIn(), _dataset(), _cfg(), CPU, epochs=epochs, lr=1e-2, seed=0)
+
+
 def test_train_local_reduces_loss() -> None:
     """Plain CE on a fixed sample falls after a few local epochs; training accuracy is high."""
     torch.manual_seed(0)

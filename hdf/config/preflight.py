@@ -20,13 +20,15 @@ from hdf.data import SPLITS, build_sources, split_sources
 # Whole numbers >= 1: key -> what it counts (the error says it).
 POSITIVE_INTS = {
     "rounds": "federated rounds",
-    "train.local_epochs": "passes over a client's training split per round",
     "train.batch_size": "clips per training batch",
     "eval.batch_size": "clips per evaluation batch",
     "data.num_frames": "frames per clip (T)",
     "data.size": "side of the square frames the model sees",
 }
-POSITIVE_FLOATS = {"train.lr": "peak learning rate"}
+POSITIVE_FLOATS = {
+    "train.lr": "peak learning rate",
+    "train.local_epochs": "passes over a client's training split per round; 0.5 is half a pass",
+}
 
 
 def _value(cfg: DictConfig, key: str) -> Any:

@@ -258,7 +258,9 @@ STRATEGY_KINDS: dict[str, type[StrategyConfig]] = {
 class TrainConfig:
     """Local training (hdf/train.py) and the server's lr schedule over rounds."""
 
-    local_epochs: int = 2  # passes over the client's training split per round
+    # Passes over the client's training split per round; a fraction (0.5) takes that share of a
+    # pass's steps, a fresh random subset each round: more rounds fit one budget of client epochs.
+    local_epochs: float = 2
     batch_size: int = 16
     # Peak lr of the base optimiser (AdamW's; SGD wants ~10-50x). A site takes ~1/K of the pooled
     # steps per round, and 4e-3 beat 2e-3 federated (README, Results); pooled does better at 2e-3.
