@@ -142,8 +142,27 @@ def test_a_new_run_config_rebuilds_the_site(cfg, warm, monkeypatch) -> None:
     msg = _message(other, 1, MessageType.EVALUATE)
     with monkeypatch.context() as m:
         m.setattr(handlers, "evaluate", _not_here)
+        assert app(_message(cfg, 1, MessageType.EVALUATE), _context(warm)).content
         got = app(msg, _context(warm)).content
     assert _bytes(got) == _bytes(_cold("evaluate", msg, _context(warm)).content)
+
+
+def test_a_kept_site_gets_its_own_thread_count_back(cfg) -> None:
+    """A process keeping two sites (a worker across two runs) sets each one's torch threads
+    whenever it is used, not only when it is built: training rounds differently with them."""
+    import torch
+
+    two = compose(["experiment=tiny", f"data.root={cfg.data.root}", "+train.threads=2"])
+    weights = build_model(model_settings(cfg.model), cfg.data.num_frames, cfg.data.size)
+    before = torch.get_num_threads()
+    site._SITES.clear()
+    try:
+        for config, threads in ((cfg, 1), (two, 2), (cfg, 1)):
+            site.get_site(to_yaml(config), {"source": SOURCE}, weights.state_dict())
+            assert torch.get_num_threads() == threads
+    finally:
+        site._SITES.clear()
+        torch.set_num_threads(before)
 
 
 def test_an_unindexed_query_is_answered_by_the_worker(cfg, warm, monkeypatch, tmp_path):
