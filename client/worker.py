@@ -1,6 +1,6 @@
 """A site's warm worker: one long-lived process that runs the ClientApp's handlers.
 
-    python -m client.worker --socket STATE/worker/worker.sock [--max-sites 2]
+    python -m client.worker --socket STATE/worker/worker.sock [--stop-with PID] [--max-sites 2]
 
 Flower 1.42 starts a fresh ClientApp process for every deployed message, which pays torch's
 import, the site's data and model build and torch's first-call set-up each time (about 3.3 CPU
@@ -34,6 +34,7 @@ from client import worker_link as link
 from hdf import contract as K
 
 log = logging.getLogger("client.worker")
+STOP_POLL_S = 2.0  # how often a worker started with --stop-with looks for its process
 REQUEST_TIMEOUT_S = 300.0  # reading a request or sending a reply (a local socket: seconds)
 _MAX_PATH = 107  # sockaddr_un's sun_path, less its terminating NUL
 
@@ -133,11 +134,28 @@ def handle(conn: socket.socket, uid: int) -> None:
         )
 
 
-def serve(server: socket.socket, uid: int) -> None:
-    while True:
-        conn, _ = server.accept()
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's (a reused pid): not the one we watch
+        return False
+    return True
+
+
+def serve(server: socket.socket, uid: int, stop_with: int | None = None) -> None:
+    """Answer connections one at a time; return once process `stop_with` (the SuperNode's
+    script) has gone, so a killed SuperNode leaves no worker behind."""
+    server.settimeout(None if stop_with is None else STOP_POLL_S)
+    while stop_with is None or _alive(stop_with):
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            continue
         with conn:
             handle(conn, uid)
+    log.info("process %d has stopped: the worker stops too", stop_with)
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
@@ -147,6 +165,7 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--socket", required=True, type=Path, help="the socket to listen on")
+    p.add_argument("--stop-with", type=int, metavar="PID", help="stop when this process has")
     p.add_argument(
         "--max-sites",
         type=int,
@@ -167,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     print(f"client.worker: listening on {args.socket.absolute()} (pid {os.getpid()})", flush=True)
     try:
-        serve(server, os.getuid())
+        serve(server, os.getuid(), args.stop_with)
     finally:
         server.close()
         with contextlib.suppress(OSError):

@@ -484,3 +484,92 @@ def test_the_socket_folder_must_be_the_sites_own(tmp_path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(worker.WorkerSetupError, match="not a socket"):
         worker.listen(tmp_path / "file")
+
+
+# ---- started beside the SuperNode -----------------------------------------------------------
+def test_a_worker_stops_when_the_process_it_serves_has(tmp_path) -> None:
+    """--stop-with PID: the worker leaves once that process (the SuperNode's script) is gone,
+    and removes its socket."""
+    parent = subprocess.Popen(["sleep", "600"])
+    sock = tmp_path / "w" / "w.sock"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "client.worker",
+            "--socket",
+            str(sock),
+            "--stop-with",
+            f"{parent.pid}",
+        ],
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sock.exists() and proc.poll() is None
+        parent.kill()
+        parent.wait()
+        assert proc.wait(timeout=60) == 0
+        assert not sock.exists()
+    finally:
+        for p in (parent, proc):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+FAKE_SUPERNODE = """#!/bin/sh
+echo "$@" > "$(dirname "$0")/args"
+echo $$ > "$(dirname "$0")/pid"
+exec sleep 600
+"""
+
+
+def test_supernode_script_runs_a_worker_beside_the_supernode(tmp_path) -> None:
+    """deploy/supernode.sh --warm-worker (with a stand-in flower-supernode that records its
+    flags): the worker listens on STATE/worker/worker.sock, the SuperNode's node config names
+    it, and stopping the script (SIGTERM, as a service manager does) stops both."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "flower-supernode").write_text(FAKE_SUPERNODE)
+    (fake / "flower-supernode").chmod(0o755)
+    for name in ("key", "ca.crt"):
+        (tmp_path / name).write_text("x")
+    state = tmp_path / "state"
+    env = {
+        **os.environ,
+        "VENV": str(tmp_path / "no-venv"),  # the stand-in first on PATH, then the real python
+        "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    flags = ["--superlink", "x:9092", "--source", SOURCE, "--data-root", f"{tmp_path}/data"]
+    flags += ["--key", f"{tmp_path}/key", "--ca", f"{tmp_path}/ca.crt", "--state", str(state)]
+    script = subprocess.Popen(
+        ["bash", str(ROOT / "deploy" / "supernode.sh"), *flags, "--warm-worker"],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
+    sock = state / "worker" / "worker.sock"
+    try:
+        deadline = time.monotonic() + 120
+        while not (sock.exists() and (fake / "args").exists()) and time.monotonic() < deadline:
+            assert script.poll() is None, "the script exited"
+            time.sleep(0.1)
+        assert sock.exists(), "no worker socket"
+        args = (fake / "args").read_text()
+        assert f'worker-socket="{sock}"' in args and f'source="{SOURCE}"' in args
+        assert state.joinpath("worker").stat().st_mode & 0o777 == 0o700
+        script.terminate()
+        assert script.wait(timeout=60) != 0  # the stand-in SuperNode was killed by the signal
+        with pytest.raises(ProcessLookupError):  # and is gone, not left running
+            os.kill(int((fake / "pid").read_text()), 0)
+        deadline = time.monotonic() + 60
+        while sock.exists() and time.monotonic() < deadline:  # the worker unlinks it as it stops
+            time.sleep(0.1)
+        assert not sock.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(script.pid, signal.SIGKILL)
+        script.wait()
