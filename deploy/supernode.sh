@@ -63,8 +63,8 @@ export FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE="${FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE:-6
 # node-config values are TOML: strings must be quoted.
 NODE_CONFIG="source=\"$SOURCE\" data-root=\"$DATA_ROOT\""
 SUPERNODE=(flower-supernode --superlink "$SUPERLINK" --root-certificates "$CA"
-  --auth-supernode-private-key "$KEY" --port "$PORT" "${EXTRA[@]}")
-[[ "$WARM" == 1 ]] || exec "${SUPERNODE[@]}" --node-config "$NODE_CONFIG"
+  --auth-supernode-private-key "$KEY" --port "$PORT")
+[[ "$WARM" == 1 ]] || exec "${SUPERNODE[@]}" --node-config "$NODE_CONFIG" "${EXTRA[@]}"
 
 # A warm worker: the ClientApp of each message forwards it over the socket (node config
 # worker-socket) and runs it itself while the worker is not (yet) reachable.
@@ -74,7 +74,7 @@ mkdir -p -m 700 "$STATE/worker"
 python -m client.worker --socket "$SOCKET" --stop-with $$ &
 WORKER=$!
 trap 'kill "$WORKER" 2>/dev/null || true' EXIT
-"${SUPERNODE[@]}" --node-config "$NODE_CONFIG worker-socket=\"$SOCKET\"" &
+"${SUPERNODE[@]}" --node-config "$NODE_CONFIG worker-socket=\"$SOCKET\"" "${EXTRA[@]}" &
 NODE=$!
 trap 'kill "$NODE" 2>/dev/null || true' TERM INT
 # a trapped signal ends `wait` early: wait again until the SuperNode has stopped
