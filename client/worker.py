@@ -100,7 +100,7 @@ def run(kind: str, msg: Message, context: Context) -> tuple[dict, list[bytes]]:
             "answer": handlers.query_answer(cfg_yaml, dict(context.node_config)),
         }, []
     reply = getattr(handlers, kind)(msg, context)
-    return {"ok": True}, [link.records_frame(reply.content), link.records_frame(context.state)]
+    return {"ok": True}, link.records_frames(reply.content, context.state)
 
 
 def handle(conn: socket.socket, uid: int) -> None:

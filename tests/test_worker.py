@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from client import handlers, site, worker, worker_link
@@ -301,8 +301,6 @@ def test_a_handler_error_surfaces_as_itself_and_is_not_rerun(
     """A model missing a key, a malformed packed layout, a message without its round: the
     ClientApp raises the error the handler raised in the worker (same class, same text, so
     Flower's error reply is the same) and does not run the message again itself."""
-    from flwr.app import Array
-
     from hdf.packing import PackingError, layout_record, pack
 
     exc = PackingError if exc == "PackingError" else exc
@@ -382,6 +380,51 @@ def test_a_malformed_request_is_a_clear_error(frames, match) -> None:
         worker_link.send_frames(a, frames)
         with pytest.raises(worker_link.FrameError, match=match):
             worker_link.recv_request(b)
+
+
+def _received(frames: list[bytes]):
+    """`recv_request` of `frames` sent by another thread (they may not fit a socket's buffer)."""
+    a, b = _pair()
+    with a, b:
+
+        def send() -> None:
+            with contextlib.suppress(OSError):  # the reader stopped at a bad frame
+                worker_link.send_frames(a, frames)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            return worker_link.recv_request(b)
+        finally:
+            b.close()  # a sender still writing gets an error, not a wait
+            sender.join(timeout=30)
+
+
+def test_records_carry_array_bytes_only_in_frames_of_their_own(cfg) -> None:
+    """The records' protobufs hold no array bytes (those follow, one frame per array, as
+    sent); a protobuf that carries them inside is refused, as is a frame that is no RecordDict."""
+    import numpy as np
+
+    state = RecordDict({"kept": ArrayRecord({"a": Array(np.arange(3.0)), "b": Array(np.ones(2))})})
+    msg = _message(cfg, 1, MessageType.TRAIN)
+    ctx = Context(run_id=7, node_id=3, node_config={"source": SOURCE}, state=state, run_config={})
+    frames = worker_link.request_frames("train", msg, ctx)
+    arrays = len(msg.content[K.ARRAYS]) + 2
+    assert len(frames) == 5 + arrays
+    kept = [state["kept"][k].data for k in ("a", "b")]
+    assert frames[-2:] == kept  # the state's arrays, last and in order
+    assert not any(blob in frame for blob in kept for frame in frames[:5])  # not in the shells
+    kind, got_msg, got_ctx = _received(frames)
+    assert (kind, got_ctx.run_id, got_ctx.node_id, dict(got_ctx.node_config)) == (
+        "train", 7, 3, {"source": SOURCE},
+    )  # fmt: skip
+    assert _bytes(got_msg.content) == _bytes(msg.content)
+    assert _bytes(got_ctx.state) == _bytes(state)
+    assert got_msg.metadata == msg.metadata
+    full = recorddict_to_proto(state).SerializeToString()  # bytes inside: not hollow
+    for shell, match in ((full, "came with its bytes inside"), (b"\x0a\xff", "not a RecordDict")):
+        with pytest.raises(worker_link.FrameError, match=match):
+            _received([*frames[:4], shell, *frames[5:-2]])
 
 
 def test_a_truncated_frame_is_a_closed_connection() -> None:
