@@ -1,14 +1,16 @@
 """A deployed round against a simulated one, with where the time, CPU, requests and bytes go.
 
 Usage: ``python -m bench.bench_deploy [--rounds 3] [--model tiny|r3d_18] [--sites 3,1]
-[--keep] [overrides...]``
+[--warm-worker] [--keep] [overrides...]``
 
 For `experiment=deploy_tiny` (the held-out source scored by the server in both, so the two runs
 do the same work) and each site count in `--sites` (3: studio, webcam, movie; 1: studio alone,
 which separates what one site costs from the contention of three on one box) it runs:
 - a simulation (`python -m simulations.run`, Flower's Ray engine, one process);
 - a deployment: a SuperLink and one SuperNode per source, each in its own network namespace,
-  TLS and SuperNode authentication on (testbed/cluster.py), launched with `flwr run . hdf`.
+  TLS and SuperNode authentication on (testbed/cluster.py), launched with `flwr run . hdf`;
+  `--warm-worker` starts each site with its warm worker (`deploy/supernode.sh --warm-worker`,
+  client/worker.py), which then runs the messages the ClientApps forward to it.
 
 Per round means: from the moment round 0's row appears in the run folder's metrics.jsonl to the
 moment the last row appears, divided by the rounds in between (read from the run folder, never
@@ -18,7 +20,8 @@ by polling `flwr ls`). Over that window it samples, each time a row appears:
 - CPU seconds per process kind, from /proc (utime + stime of every live process of the
   SuperLink's and each SuperNode's process tree, plus the reaped children's cutime + cstime):
   `SuperLink` (flower-superlink and the SuperExec beside it), `ServerApp`, `SuperNodes`
-  (flower-supernode and its SuperExec), `ClientApps` (every flwr-clientapp process);
+  (flower-supernode and its SuperExec), `ClientApps` (every flwr-clientapp process),
+  `SiteWorkers` (the sites' warm workers; 0 without `--warm-worker`);
 - SuperLink requests: the SuperLink runs with FLWR_LOG_LEVEL=DEBUG, which makes uvicorn log the
   routine requests Flower hides at INFO (flwr/supercore/http_logging.py, ROUTINE_ACCESS_PATHS);
   every `uvicorn.access` line timestamped inside the window counts;
@@ -51,7 +54,7 @@ from deploy.flower_env import apply_flower_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["studio", "webcam", "movie"]
-KINDS = ("SuperLink", "ServerApp", "SuperNodes", "ClientApps")
+KINDS = ("SuperLink", "ServerApp", "SuperNodes", "ClientApps", "SiteWorkers")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ACCESS = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z \w+ \[uvicorn\.access\]")
 MODELS = {"tiny": [], "r3d_18": ["model=r3d_18", "data.num_frames=8", "data.size=32"]}
@@ -132,6 +135,8 @@ def _kind(pid: int, host: str, parent_children: str) -> tuple[str, str]:
         return "ServerApp", "ServerApp"
     if "flwr-clientapp" in cmd:
         return "ClientApps", "ClientApps"
+    if "client.worker" in cmd:
+        return "SiteWorkers", "SiteWorkers"
     if "flower-superexec" in cmd:  # its children are the apps it starts
         return host, "ServerApp" if host == "SuperLink" else "ClientApps"
     return host, host
@@ -202,7 +207,7 @@ class _Log:
 
 
 def run_deployment(
-    overrides: list[str], sources: list[str], rounds: int, out: Path
+    overrides: list[str], sources: list[str], rounds: int, out: Path, warm_worker: bool = False
 ) -> dict[str, Any]:
     """The deployed run, measured from the ServerApp's second push of messages (the first is
     node discovery's query; the second starts round 1, or round 0's evaluation with two
@@ -217,7 +222,7 @@ def run_deployment(
         c.start_superlink(env={"FLWR_LOG_LEVEL": "DEBUG"})
         for s in sources:
             c.register(s)
-            c.start_site(s)
+            c.start_site(s, warm_worker=warm_worker)
         c.wait_for(lambda: c.online() == len(sources), 120, "sites online")
         up = time.monotonic() - t0
         trees = {c.superlink.pid: "SuperLink"}
@@ -259,7 +264,14 @@ def run_deployment(
     }
 
 
-def measure(sources: list[str], rounds: int, model: str, extra: list[str], out: Path) -> dict:
+def measure(
+    sources: list[str],
+    rounds: int,
+    model: str,
+    extra: list[str],
+    out: Path,
+    warm_worker: bool = False,
+) -> dict:
     """One site count: the simulation and the deployment of the same config."""
     overrides = [
         "experiment=deploy_tiny",
@@ -281,7 +293,7 @@ def measure(sources: list[str], rounds: int, model: str, extra: list[str], out: 
     reason = why_no_netns()
     if reason:
         return {**res, "deployed": {"skipped": reason}}
-    dep = run_deployment(overrides, sources, rounds, out)
+    dep = run_deployment(overrides, sources, rounds, out, warm_worker)
     return {
         **res,
         "deployed_round_s": dep["round_s"],
@@ -300,18 +312,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", choices=sorted(MODELS), default="tiny")
     p.add_argument("--sites", default="3,1", help="site counts to measure, e.g. 3,1")
+    p.add_argument("--warm-worker", action="store_true", help="run each site's warm worker")
     p.add_argument("--keep", action="store_true", help="keep the working folder after success")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     apply_flower_env()
     work = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
-    result: dict[str, Any] = {"model": args.model, "uptime_start": _uptime(), "work_dir": str(work)}
+    result: dict[str, Any] = {"model": args.model, "warm_worker": args.warm_worker}
+    result.update({"uptime_start": _uptime(), "work_dir": str(work)})
     result.update(model_bytes(["experiment=deploy_tiny", *MODELS[args.model], *args.overrides]))
     try:
         for k in (int(x) for x in args.sites.split(",")):
             out = work / f"sites-{k}"
             result[f"sites_{k}"] = measure(
-                SOURCES[:k], args.rounds, args.model, args.overrides, out
+                SOURCES[:k], args.rounds, args.model, args.overrides, out, args.warm_worker
             )
     except Exception as err:  # keep everything for a post-mortem, and say where
         result["error"] = f"{type(err).__name__}: {err}"[-3000:]

@@ -122,6 +122,9 @@ def get_site(cfg_yaml: str, node_config: dict[str, Any], weights: dict[str, torc
     key = (config_key(cfg_yaml), repr(sorted(node_config.items())))
     if key in _SITES:
         _SITES[key].model.load_state_dict(weights)
+        # a process keeping several sites (a warm worker, a simulation worker) gives each its
+        # own thread count: training rounds differently with it
+        torch.set_num_threads(site_threads(_SITES[key].settings, node_config))
     else:
         cfg = load(cfg_yaml, "the run config the server sent")
         run = settings(cfg)

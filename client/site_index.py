@@ -65,14 +65,20 @@ def read(cfg_yaml: str, node_config: dict[str, Any]) -> dict[str, int] | None:
     try:
         if path.stat().st_size > MAX_BYTES:
             raise ValueError(f"{path.stat().st_size} bytes, an index has under {MAX_BYTES}")
-        raw = json.loads(path.read_text())
-        answer = {k: raw[k] for k in FIELDS}
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        return checked(json.loads(path.read_text()))
+    except (OSError, ValueError) as err:
         log.warning("site index %s ignored (%s); rebuilding it", path, err)
         return None
+
+
+def checked(raw: object) -> dict[str, int]:
+    """`raw` as a query answer (the three fields, counts >= 0, heldout 0 or 1); ValueError
+    naming what is wrong otherwise. Index files and a warm worker's answers are both read so."""
+    if not isinstance(raw, dict) or any(k not in raw for k in FIELDS):
+        raise ValueError(f"not an answer with the fields {', '.join(FIELDS)}: {str(raw)[:200]}")
+    answer = {k: raw[k] for k in FIELDS}
     if not all(type(v) is int and v >= 0 for v in answer.values()) or answer["heldout"] > 1:
-        log.warning("site index %s ignored (bad values %s); rebuilding it", path, answer)
-        return None
+        raise ValueError(f"bad values {answer}")
     return answer
 
 

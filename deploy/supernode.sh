@@ -2,7 +2,8 @@
 # Start one site's SuperNode: it serves one data source and only talks to the SuperLink.
 #
 #   deploy/supernode.sh --superlink HOST:PORT --source NAME --data-root PATH --key certs/nodes/NAME \
-#                       [--ca certs/ca.crt] [--port 9094] [--state DIR] [extra flower-supernode flags]
+#                       [--ca certs/ca.crt] [--port 9094] [--state DIR] [--warm-worker]
+#                       [extra flower-supernode flags]
 #
 #   --superlink HOST:PORT  the SuperLink's address (its certificate must name HOST)
 #   --source NAME          the source this site serves (a training source, or a held-out one:
@@ -12,11 +13,15 @@
 #                          operator registers FILE.pub with `flwr supernode register`
 #   --ca FILE              the federation CA certificate (default: certs/ca.crt)
 #   --port PORT            local port of the SuperNode's own Runtime API (default: 9094)
+#   --state DIR            the SuperNode's own files (default: DATA_ROOT/.supernode)
+#   --warm-worker          also run this site's warm worker (python -m client.worker), which keeps
+#                          torch, the data and the model between messages; its socket is
+#                          STATE/worker/worker.sock, and it stops with the SuperNode (docs/deploy.md)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
 VENV="${VENV:-$ROOT/.venv}"
-SUPERLINK="" SOURCE="" DATA_ROOT="" KEY="" CA=certs/ca.crt PORT=9094 STATE=""
+SUPERLINK="" SOURCE="" DATA_ROOT="" KEY="" CA=certs/ca.crt PORT=9094 STATE="" WARM=0
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -27,7 +32,8 @@ while [[ $# -gt 0 ]]; do
     --ca) CA="$2"; shift 2 ;;
     --port) PORT="$2"; shift 2 ;;
     --state) STATE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --warm-worker) WARM=1; shift ;;
+    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) EXTRA+=("$1"); shift ;;
   esac
 done
@@ -55,10 +61,24 @@ export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0
 # default 5 MiB, flwr/common/constant.py): 64 MiB, see deploy/flower_env.py.
 export FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE="${FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE:-67108864}"
 # node-config values are TOML: strings must be quoted.
-exec flower-supernode \
-  --superlink "$SUPERLINK" \
-  --root-certificates "$CA" \
-  --auth-supernode-private-key "$KEY" \
-  --node-config "source=\"$SOURCE\" data-root=\"$DATA_ROOT\"" \
-  --port "$PORT" \
-  "${EXTRA[@]}"
+NODE_CONFIG="source=\"$SOURCE\" data-root=\"$DATA_ROOT\""
+SUPERNODE=(flower-supernode --superlink "$SUPERLINK" --root-certificates "$CA"
+  --auth-supernode-private-key "$KEY" --port "$PORT")
+[[ "$WARM" == 1 ]] || exec "${SUPERNODE[@]}" --node-config "$NODE_CONFIG" "${EXTRA[@]}"
+
+# A warm worker: the ClientApp of each message forwards it over the socket (node config
+# worker-socket) and runs it itself while the worker is not (yet) reachable.
+[[ "$STATE" != *'"'* ]] || { echo "--state may not contain double quotes" >&2; exit 2; }
+SOCKET="$STATE/worker/worker.sock"
+mkdir -p -m 700 "$STATE/worker"
+python -m client.worker --socket "$SOCKET" --stop-with $$ &
+WORKER=$!
+trap 'kill "$WORKER" 2>/dev/null || true' EXIT
+"${SUPERNODE[@]}" --node-config "$NODE_CONFIG worker-socket=\"$SOCKET\"" "${EXTRA[@]}" &
+NODE=$!
+trap 'kill "$NODE" 2>/dev/null || true' TERM INT
+# a trapped signal ends `wait` early: wait again until the SuperNode has stopped
+set +e
+wait "$NODE"; RC=$?
+while kill -0 "$NODE" 2>/dev/null; do wait "$NODE"; RC=$?; done
+exit "$RC"

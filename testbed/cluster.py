@@ -282,7 +282,8 @@ class Cluster:
             raise RuntimeError(f"registering {name} failed: {out}")
         return self.sites[source].key
 
-    def start_site(self, source: str, key: Path | None = None) -> Proc:
+    def start_site(self, source: str, key: Path | None = None, warm_worker: bool = False) -> Proc:
+        """Start a site's SuperNode (`warm_worker`: with its warm worker, client/worker.py)."""
         site = self.sites[source]
         proc = self._spawn(
             f"site-{source}",
@@ -302,6 +303,7 @@ class Cluster:
                 str(self.certs / "ca.crt"),
                 "--state",
                 str(self.workdir / f"node-{source}"),
+                *(["--warm-worker"] if warm_worker else []),
             ],
             {"FLWR_HOME": str(self.workdir / f"node-{source}" / "flwr-home")},
         )
