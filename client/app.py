@@ -26,7 +26,8 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
         from client import handlers
 
         return getattr(handlers, kind)(msg, context)
-    assert reply.content is not None and reply.state is not None
+    if reply.content is None or reply.state is None:  # only a query's reply lacks them
+        raise RuntimeError(f"the warm worker answered a {kind} message without its records")
     worker_link.apply_state(context, reply.state)
     return Message(content=reply.content, reply_to=msg)
 
