@@ -379,12 +379,15 @@ def deployment(quick: bool, tmp: Path) -> dict[str, Any]:
     """A deployed round (3 sites in network namespaces, TLS) against a simulated one
     (bench/bench_deploy.py): deploy_tiny with 3 sites (and 1 alone, under `one_site`), and the
     same for an r3d_18-size model with fewer rounds (2: with 1, the final evaluation exchange
-    would be half of the one round measured)."""
+    would be half of the one round measured). `warm_worker`: the 3 sites again, each with its
+    warm worker (`deploy/supernode.sh --warm-worker`); for r3d_18 also with a bf16 wire
+    (`warm_worker_bf16`), the fastest setup the deployment offers."""
     out: dict[str, Any] = {}
     r3d_rounds = 1 if quick else 2
     for model, rounds, sites in (("tiny", 1 if quick else 3, "3,1"), ("r3d_18", r3d_rounds, "3,1")):
         cmd = [sys.executable, "-m", "bench.bench_deploy", "--model", model]
-        res = _last_json(_run([*cmd, "--rounds", str(rounds), "--sites", sites])["stdout"])
+        cmd += ["--rounds", str(rounds)]
+        res = _last_json(_run([*cmd, "--sites", sites])["stdout"])
         three = res["sites_3"]
         if "deployed" in three:  # skipped: no network namespaces here
             return {"skipped": three["deployed"]["skipped"]}
@@ -393,6 +396,13 @@ def deployment(quick: bool, tmp: Path) -> dict[str, Any]:
         entry.update(uptime_start=res["uptime_start"], uptime_end=res["uptime_end"])
         if "sites_1" in res:
             entry["one_site"] = {k: res["sites_1"][k] for k in DEPLOYMENT_KEYS}
+        warm = [("warm_worker", [])]
+        if model == "r3d_18":
+            warm.append(("warm_worker_bf16", ["server.wire_dtype=bfloat16"]))
+        for key, overrides in warm:
+            res = _last_json(_run([*cmd, "--sites", "3", "--warm-worker", *overrides])["stdout"])
+            entry[key] = {k: res["sites_3"][k] for k in DEPLOYMENT_KEYS}
+            entry[key].update(uptime_start=res["uptime_start"], uptime_end=res["uptime_end"])
         if model == "tiny":
             out.update(entry)
         else:
