@@ -259,3 +259,23 @@ def test_deterministic_switches_torch_to_deterministic_algorithms(tmp_path: Path
         set_deterministic(False)
         torch.backends.cudnn.benchmark = False
         site._SITES.clear()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warned"),
+    [
+        (["train.keep_optimizer_state=true"], True),  # the default server step is 2
+        (["train.keep_optimizer_state=true", "server_opt.lr=1.0"], False),
+        (["train.keep_optimizer_state=true", "server_opt.name=adam", "server_opt.lr=0.01"], False),
+        ([], False),
+    ],
+)
+def test_kept_optimizer_state_with_a_long_server_step_is_warned(
+    caplog, overrides: list[str], warned: bool
+) -> None:
+    """The one combination measured to collapse (kept AdamW moments, server step > 1) is named."""
+    from hdf.config.preflight import check_config
+
+    with caplog.at_level(logging.WARNING, logger="hdf.config.preflight"):
+        check_config(compose(overrides))
+    assert ("keep_optimizer_state=true with server_opt.lr" in caplog.text) is warned

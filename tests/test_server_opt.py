@@ -70,7 +70,8 @@ def test_none_with_a_server_lr_damps_the_step_and_lr_one_is_the_mix() -> None:
     opt = ServerOptimizer(ServerOptSettings("none", lr=0.5))
     (x1,) = _run(opt, X0, [np.array([1.0, -2.0])])
     np.testing.assert_allclose(x1, [1.5, 1.0])
-    assert ServerOptimizer(ServerOptSettings()).identity
+    assert ServerOptimizer(ServerOptSettings(lr=1.0)).identity
+    assert not ServerOptimizer(ServerOptSettings()).identity  # the default steps 2x the mix
 
 
 def test_buffers_and_integers_take_the_mix() -> None:

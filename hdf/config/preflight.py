@@ -10,12 +10,15 @@ splits (the synthetic benchmark) are never empty and are not generated twice.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from hdf.data import SPLITS, build_sources, split_sources
+
+log = logging.getLogger(__name__)
 
 # Whole numbers >= 1: key -> what it counts (the error says it).
 POSITIVE_INTS = {
@@ -49,6 +52,15 @@ def check_config(cfg: DictConfig) -> None:
         ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
         if not ok:
             raise ValueError(f"{key}={v!r}: must be a positive number ({what})")
+    step = OmegaConf.select(cfg, "server_opt", default=None)
+    kept = bool(OmegaConf.select(cfg, "train.keep_optimizer_state", default=False))
+    if kept and step is not None and step.name in ("none", "avgm") and float(step.lr) > 1:
+        log.warning(
+            "train.keep_optimizer_state=true with server_opt.lr=%s: kept AdamW moments plus a "
+            "server step above 1 collapsed to chance in every run measured (README, Results); "
+            "give server_opt.lr=1.0 with it",
+            step.lr,
+        )
     adapt, norm = list(cfg.server.heldout_adapt), cfg.model.norm
     if "bn" in adapt and norm != "batch":
         raise ValueError(
