@@ -163,7 +163,7 @@ def federation_overhead(quick: bool, tmp: Path) -> dict[str, Any]:
     """Simulation wall / wall of the same local training in one pool of processes (no Flower)."""
     root = tmp / "data"
     rounds = 2
-    # The goal is about the default run itself (20 rounds x 2 epochs, ~5 min): its fixed start-up
+    # The goal is about the default run itself (80 rounds x 0.5 epochs, ~5 min): its fixed start-up
     # (Ray, workers, discovery) is spread over all its rounds. --quick takes 2 small rounds, where
     # start-up dominates; the K and width cases below are 2-round probes of how the ratio moves.
     default = (
