@@ -58,6 +58,8 @@ KINDS = ("SuperLink", "ServerApp", "SuperNodes", "ClientApps", "SiteWorkers")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ACCESS = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z \w+ \[uvicorn\.access\]")
 MODELS = {"tiny": [], "r3d_18": ["model=r3d_18", "data.num_frames=8", "data.size=32"]}
+# Flower 1.42 keeps the SuperLink's state in memory for this name (flwr/supercore/constant.py)
+IN_MEMORY_DB = ":flwr-in-memory:"
 
 
 class BenchError(RuntimeError):
@@ -207,7 +209,12 @@ class _Log:
 
 
 def run_deployment(
-    overrides: list[str], sources: list[str], rounds: int, out: Path, warm_worker: bool = False
+    overrides: list[str],
+    sources: list[str],
+    rounds: int,
+    out: Path,
+    warm_worker: bool = False,
+    memory_db: bool = False,
 ) -> dict[str, Any]:
     """The deployed run, measured from the ServerApp's second push of messages (the first is
     node discovery's query; the second starts round 1, or round 0's evaluation with two
@@ -219,7 +226,8 @@ def run_deployment(
     start: dict[str, Any] | None = None
     # the sites read the clips the simulation generated (same seed, same clips)
     with Cluster(out / "cluster", sources, shared_data=out / "data") as c:
-        c.start_superlink(env={"FLWR_LOG_LEVEL": "DEBUG"})
+        db = ["--database", IN_MEMORY_DB] if memory_db else []
+        c.start_superlink(env={"FLWR_LOG_LEVEL": "DEBUG"}, args=db)
         for s in sources:
             c.register(s)
             c.start_site(s, warm_worker=warm_worker)
@@ -271,6 +279,7 @@ def measure(
     extra: list[str],
     out: Path,
     warm_worker: bool = False,
+    memory_db: bool = False,
 ) -> dict:
     """One site count: the simulation and the deployment of the same config."""
     overrides = [
@@ -293,7 +302,7 @@ def measure(
     reason = why_no_netns()
     if reason:
         return {**res, "deployed": {"skipped": reason}}
-    dep = run_deployment(overrides, sources, rounds, out, warm_worker)
+    dep = run_deployment(overrides, sources, rounds, out, warm_worker, memory_db)
     return {
         **res,
         "deployed_round_s": dep["round_s"],
@@ -313,19 +322,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=sorted(MODELS), default="tiny")
     p.add_argument("--sites", default="3,1", help="site counts to measure, e.g. 3,1")
     p.add_argument("--warm-worker", action="store_true", help="run each site's warm worker")
+    p.add_argument(
+        "--memory-db",
+        action="store_true",
+        help="SuperLink state in memory instead of SQLite (lost when the SuperLink stops)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the working folder after success")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     apply_flower_env()
     work = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
-    result: dict[str, Any] = {"model": args.model, "warm_worker": args.warm_worker}
+    result: dict[str, Any] = {
+        "model": args.model,
+        "warm_worker": args.warm_worker,
+        "memory_db": args.memory_db,
+    }
     result.update({"uptime_start": _uptime(), "work_dir": str(work)})
     result.update(model_bytes(["experiment=deploy_tiny", *MODELS[args.model], *args.overrides]))
     try:
         for k in (int(x) for x in args.sites.split(",")):
             out = work / f"sites-{k}"
             result[f"sites_{k}"] = measure(
-                SOURCES[:k], args.rounds, args.model, args.overrides, out, args.warm_worker
+                SOURCES[:k],
+                args.rounds,
+                args.model,
+                args.overrides,
+                out,
+                args.warm_worker,
+                args.memory_db,
             )
     except Exception as err:  # keep everything for a post-mortem, and say where
         result["error"] = f"{type(err).__name__}: {err}"[-3000:]

@@ -228,8 +228,11 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def start_superlink(self, env: dict[str, str] | None = None) -> Proc:
-        """Start the SuperLink (`env`: extra environment, e.g. FLWR_LOG_LEVEL for a benchmark)."""
+    def start_superlink(
+        self, env: dict[str, str] | None = None, args: list[str] | None = None
+    ) -> Proc:
+        """Start the SuperLink (`env`: extra environment, e.g. FLWR_LOG_LEVEL for a benchmark;
+        `args`: extra flower-superlink flags, e.g. `--database :flwr-in-memory:`)."""
         state = self.workdir / "superlink-state"
         proc = self._spawn(
             "superlink",
@@ -245,6 +248,7 @@ class Cluster:
                 str(PORT),
                 "--state",
                 str(state),
+                *(args or []),
             ],
             {
                 # the SuperLink's own values over the sites' (BASE_ENV), then the caller's
