@@ -124,6 +124,11 @@ def train(msg: Message, context: Context) -> Message:
     optimizer = site.settings.train.optimizer
     run = run_key(context, str(config[K.RUN_CONFIG]))
     kept = restore_optimizer_state(context, run, server_round, optimizer) if keep else None
+    fixed_norm = int(config.get(K.FIXED_NORM, 0)) == 1
+    if fixed_norm and local_norm == "recompute":
+        # FixBN trains with the statistics it was sent, not the ones this site scored with
+        sent = {k: got.state[k] for k in norm_state_keys(site.model, "stats")}
+        site.model.load_state_dict(sent, strict=False)
 
     def local(state: dict[str, torch.Tensor] | None) -> dict:
         return train_local(
@@ -136,6 +141,7 @@ def train(msg: Message, context: Context) -> Message:
             seed=round_seed(int(cfg.seed), server_round, site.source.index),
             proximal_mu=float(config.get(K.PROXIMAL_MU, 0.0)),
             optimizer_state=state,
+            fixed_norm=fixed_norm,
         )
 
     try:

@@ -28,6 +28,8 @@ LOCAL_EPOCHS = "local-epochs"  # float: 0.5 is half a pass over the site's train
 LR = "lr"
 PROXIMAL_MU = "proximal-mu"
 SPLIT = "split"  # evaluate: which split of the source to score ("val" or "test")
+FIXED_NORM = "fixed-norm"  # train: 1 asks the site to normalise with the received model's
+# BatchNorm running statistics and leave them as received (FixBN), 0 or absent: batch statistics
 LOCAL_VAL = "local-val"  # train: 1 asks the client to score its trained model on its val split
 SCORE_FIRST = "score-first"  # train: 1 asks the client to first score the received model on
 # its val split and reply those scores (evaluate's keys) as EVAL_METRICS (one exchange a round)

@@ -129,6 +129,7 @@ def train_local(
     proximal_mu: float = 0.0,
     progress: bool = False,
     optimizer_state: Mapping[str, torch.Tensor] | None = None,
+    fixed_norm: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` in place for ``epochs`` passes over ``dataset`` with DSM + SAM(AdamW).
 
@@ -144,6 +145,9 @@ def train_local(
     per-parameter state after the last step (SAM keeps none of its own), which a later call
     continues from when given as ``optimizer_state`` (`OptimizerStateError`, before any step,
     if it does not fit the model).
+
+    ``fixed_norm`` (FixBN): every BatchNorm layer normalises with its running statistics, which
+    stay as they are; its affine parameters still train.
     """
     device = torch.device(device)
     n = len(dataset)  # type: ignore[arg-type]
@@ -196,6 +200,9 @@ def train_local(
     steps = skipped = 0
     t0 = time.perf_counter()
     model.train()
+    if fixed_norm:  # FixBN: normalise with the running statistics, and leave them as they are
+        for m in objective.norm_frozen.norms:
+            m.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(seed))  # dropout and anything else drawing from the global RNG
         for epoch in range(passes):

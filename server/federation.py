@@ -26,7 +26,7 @@ from hdf.device import seed_everything, set_deterministic
 from hdf.evaluate import summarize
 from hdf.models import build_model
 from hdf.npy import torch_state
-from hdf.optim.schedule import lr_of_round
+from hdf.optim.schedule import fixed_norm_in_round, lr_of_round
 from hdf.runfolder.folder import RunFolder, rng_state, set_rng_state
 from hdf.runfolder.report import format_row
 from hdf.runfolder.selection import BestModel
@@ -384,6 +384,8 @@ class Federation:
         nodes, refused_claims, replaced = self._bind(claims)
         refusals = self._register(nodes, {**refused, **refused_claims}, replaced, server_round)
         self.train_config[K.LR] = lr_of_round(self.cfg.train, server_round, int(self.cfg.rounds))
+        fixed = fixed_norm_in_round(self.cfg.train, server_round, int(self.cfg.rounds))
+        self.train_config[K.FIXED_NORM] = int(fixed)
         msgs = list(
             self.strategy.configure_train(server_round, self.arrays, self.train_config, self.grid)
         )

@@ -29,7 +29,7 @@ from hdf.data import ConcatClipDataset, Source, build_sources, split_sources
 from hdf.device import resolve_device, seed_everything, set_deterministic
 from hdf.evaluate import evaluate, summarize
 from hdf.models import HDFNet, build_model
-from hdf.optim.schedule import lr_of_round
+from hdf.optim.schedule import fixed_norm_in_round, lr_of_round
 from hdf.runfolder.folder import RunFolder, discarded_unless_trained
 from hdf.runfolder.report import format_row, write_report
 from hdf.runfolder.selection import BestModel
@@ -98,6 +98,7 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
                 lr=lr_of_round(settings.train, r, settings.rounds),
                 seed=round_seed(int(cfg.seed), r),
                 optimizer_state=optimizer_state,
+                fixed_norm=fixed_norm_in_round(settings.train, r, settings.rounds),
             )
             optimizer_state = stats.get("optimizer_state")
         row = {

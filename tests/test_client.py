@@ -349,3 +349,36 @@ def test_no_index_for_a_dataset_whose_files_decide_its_sizes(cfg, monkeypatch, t
     answer = handlers.query_answer(to_yaml(cfg), {"source": "webcam"})
     assert answer["source"] == 1 and answer["clips"] > 0
     assert not (tmp_path / "sites").exists()
+
+
+def test_fixed_norm_trains_with_the_received_statistics_and_returns_them(cfg) -> None:
+    """FixBN (`fixed-norm`=1): the update carries the received running statistics unchanged,
+    even with `local_norm=recompute` (which re-estimates them for scoring first), while the
+    weights, BatchNorm's affine parameters included, still train; without it the statistics
+    move."""
+    import torch
+
+    from hdf.models.hdf_net import norm_state_keys
+
+    msg, model = _message(cfg, MessageType.TRAIN)
+    with torch.no_grad():  # statistics no site would estimate: any re-estimate shows
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.fill_(0.25)
+                m.running_var.fill_(2.0)
+    sent = {k: v.clone() for k, v in model.state_dict().items()}
+    msg.content[K.ARRAYS] = ArrayRecord(model.state_dict())
+    msg.content[K.CONFIG][K.LOCAL_NORM] = "recompute"
+    node = {"partition-id": 0, "num-partitions": 5}
+    stats = norm_state_keys(model, "stats")
+    affine = [k for k in norm_state_keys(model) if k not in stats]
+    assert stats and affine
+
+    moved = app(msg, _context(node)).content[K.ARRAYS].to_torch_state_dict()
+    assert not all(torch.equal(moved[k], sent[k]) for k in stats if "running_" in k)
+
+    msg.content[K.CONFIG][K.FIXED_NORM] = 1
+    got = app(msg, _context(node)).content[K.ARRAYS].to_torch_state_dict()
+    for k in stats:
+        assert torch.equal(got[k], sent[k]), k
+    assert any(not torch.equal(got[k], sent[k]) for k in affine)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -279,3 +280,29 @@ def test_kept_optimizer_state_with_a_long_server_step_is_warned(
     with caplog.at_level(logging.WARNING, logger="hdf.config.preflight"):
         check_config(compose(overrides))
     assert ("keep_optimizer_state=true with server_opt.lr" in caplog.text) is warned
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        (["train.fixed_norm_after=0.5"], None),
+        (["train.fixed_norm_after=0"], None),
+        (["train.fixed_norm_after=1.5"], "train.fixed_norm_after=1.5: must be a fraction"),
+        (["train.fixed_norm_after=-0.1"], "must be a fraction of the rounds in [0, 1]"),
+        (["train.fixed_norm_after=0.5", "strategy=fedbn"], "strategy.local_norm=all keeps"),
+        (
+            ["train.fixed_norm_after=0.5", "strategy.local_norm=stats"],
+            "strategy.local_norm=stats keeps each site's own",
+        ),
+    ],
+)
+def test_fixed_norm_after_is_a_fraction_and_excludes_local_statistics(overrides, error) -> None:
+    """FixBN trains every site with the mixed statistics: a fraction of the rounds, and not with
+    a strategy that keeps each site's own statistics (the error names the key and the fix)."""
+    from hdf.config.preflight import check_config
+
+    if error is None:
+        check_config(compose(overrides))
+    else:
+        with pytest.raises(ValueError, match=re.escape(error)):
+            check_config(compose(overrides))

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from hdf.config.schema import TrainConfig
-from hdf.optim.schedule import lr_of_round, round_lr
+from hdf.optim.schedule import fixed_norm_in_round, lr_of_round, round_lr
 
 
 def test_round_lr_warms_up_then_decays_to_the_floor() -> None:
@@ -31,3 +31,13 @@ def test_lr_of_round_reads_the_train_settings() -> None:
     assert lr_of_round(t, 1, 5) == pytest.approx(1.0)
     assert lr_of_round(t, 2, 5) == pytest.approx(2.0)
     assert lr_of_round(t, 5, 5) == pytest.approx(2 * (0.1 + 0.9 * 0.25))
+
+
+@pytest.mark.parametrize(
+    ("after", "rounds", "fixed"),
+    [(None, 4, []), (0.5, 4, [3, 4]), (0.5, 5, [3, 4, 5]), (0.0, 3, [1, 2, 3]), (1.0, 3, [])],
+)
+def test_fixed_norm_takes_the_rounds_after_its_fraction(after, rounds, fixed) -> None:
+    """FixBN's rounds: those after `fixed_norm_after` x rounds (0.5 of 5: 2.5, so 3, 4, 5)."""
+    t = TrainConfig(fixed_norm_after=after)
+    assert [r for r in range(1, rounds + 1) if fixed_norm_in_round(t, r, rounds)] == fixed

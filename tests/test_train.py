@@ -324,3 +324,49 @@ def test_train_local_hdfnet_smoke() -> None:
         stats["steps"] == 2 and math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
     )
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class EvalNorm(nn.Module):
+    """BatchNorm3d's eval-mode formula by hand, with statistics no batch updates."""
+
+    def __init__(self, norm: nn.BatchNorm3d) -> None:
+        super().__init__()
+        self.weight, self.bias = copy.deepcopy(norm.weight), copy.deepcopy(norm.bias)
+        self.mean, self.var, self.eps = (
+            norm.running_mean.clone(),
+            norm.running_var.clone(),
+            norm.eps,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1, 1)
+        scale = (self.var + self.eps).rsqrt().view(shape)
+        return (x - self.mean.view(shape)) * scale * self.weight.view(shape) + self.bias.view(shape)
+
+
+def test_fixed_norm_trains_as_the_eval_mode_formula_and_keeps_the_statistics() -> None:
+    """`fixed_norm=True` (FixBN): training equals training the same model whose BatchNorm is
+    its eval-mode formula by hand (running statistics, affine parameters learning); the
+    running statistics and the batch counter stay as they were. Without it training differs."""
+    torch.manual_seed(0)
+    model = StandIn()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    hand, free = copy.deepcopy(model), copy.deepcopy(model)
+    hand.norm = EvalNorm(model.norm)
+    kept = {
+        k: v.clone() for k, v in model.norm.state_dict().items() if "running" in k or "num" in k
+    }
+    data, cfg = _dataset(), _cfg(enabled=False)
+    train_local(model, data, cfg, CPU, epochs=2, lr=1e-2, seed=3, fixed_norm=True)
+    train_local(hand, data, cfg, CPU, epochs=2, lr=1e-2, seed=3)
+    train_local(free, data, cfg, CPU, epochs=2, lr=1e-2, seed=3)
+    for k, v in kept.items():
+        assert torch.equal(model.norm.state_dict()[k], v), k
+    assert not torch.equal(model.norm.weight, hand.norm.weight.new_ones(8))  # affine trained
+    for name in ("conv.weight", "head.weight"):
+        got, want = model.get_parameter(name), hand.get_parameter(name)
+        assert torch.allclose(got, want, atol=1e-5), name
+        assert not torch.allclose(got, free.get_parameter(name), atol=1e-3), name
+    assert torch.allclose(model.norm.weight, hand.norm.weight, atol=1e-5)

@@ -61,6 +61,21 @@ def check_config(cfg: DictConfig) -> None:
             "give server_opt.lr=1.0 with it",
             step.lr,
         )
+    after = OmegaConf.select(cfg, "train.fixed_norm_after", default=None)
+    if after is not None:
+        ok = isinstance(after, int | float) and not isinstance(after, bool) and 0 <= after <= 1
+        if not ok:
+            raise ValueError(
+                f"train.fixed_norm_after={after!r}: must be a fraction of the rounds in [0, 1] "
+                "(0.5: the second half trains with fixed BatchNorm statistics) or null"
+            )
+        local = OmegaConf.select(cfg, "strategy.local_norm", default="none")
+        if local in ("stats", "all") or OmegaConf.select(cfg, "strategy.name") == "fedbn":
+            raise ValueError(
+                "train.fixed_norm_after (FixBN) trains every site with the mixed BatchNorm "
+                f"statistics, while strategy.local_norm={local} keeps each site's own: choose "
+                "one, e.g. strategy.local_norm=recompute with FixBN"
+            )
     adapt, norm = list(cfg.server.heldout_adapt), cfg.model.norm
     if "bn" in adapt and norm != "batch":
         raise ValueError(

@@ -278,6 +278,12 @@ class TrainConfig:
     round_min_lr_ratio: float = 0.1  # cosine over rounds down to this fraction of lr
     warmup_frac: float = 0.0  # warm-up inside one round's local steps (0: one lr per round)
     min_lr_ratio: float = 1.0  # cosine floor inside one round (1: constant within the round)
+    # FixBN (Zhong et al., ICLR 2024): in rounds after this fraction of the run, local training
+    # normalises with the received model's BatchNorm running statistics instead of each batch's,
+    # and leaves them as received; null: batch statistics throughout. Batch statistics make a
+    # site's weights fit its own source's statistics, which a held-out site scoring the model as
+    # sent (with the mixed statistics) does not have.
+    fixed_norm_after: float | None = None
     loss_before_clips: int = 64  # fixed sample of training clips scored before training (DRO)
     num_workers: int = 0  # data-loader worker processes (0 = in process)
     augment: bool = True  # random horizontal flip and crop jitter in training

@@ -3,7 +3,7 @@
 `warmup_cosine_factor` is the shape; `cosine_with_warmup` applies it per step inside one call of
 the training loop, and `round_lr` across federated rounds (the server sends each round's lr);
 `lr_of_round` is `round_lr` of the run's train settings, for the round loop and the pooled
-baseline alike.
+baseline alike, and `fixed_norm_in_round` the other per-round switch those settings make.
 """
 
 from __future__ import annotations
@@ -65,3 +65,10 @@ def lr_of_round(train: TrainConfig, server_round: int, rounds: int) -> float:
         int(train.warmup_rounds),
         float(train.round_min_lr_ratio),
     )
+
+
+def fixed_norm_in_round(train: TrainConfig, server_round: int, rounds: int) -> bool:
+    """Whether `server_round` of `rounds` trains with fixed BatchNorm statistics (FixBN): the
+    rounds after `train.fixed_norm_after` of the run; never when that is null."""
+    after = train.fixed_norm_after
+    return after is not None and server_round > float(after) * int(rounds)
