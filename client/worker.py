@@ -163,8 +163,13 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The command line (also what tests/test_deploy.py checks docker-compose.yml's workers by)."""
-    p = argparse.ArgumentParser(prog="python -m client.worker", description=__doc__.split("\n")[0])
+    """The command line (also what tests/test_deploy.py checks docker-compose.yml's workers by).
+    Flags are taken whole only: a command that works by abbreviation breaks with a new flag."""
+    p = argparse.ArgumentParser(
+        prog="python -m client.worker",
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
+    )
     p.add_argument("--socket", required=True, type=Path, help="the socket to listen on")
     p.add_argument("--stop-with", type=int, metavar="PID", help="stop when this process has")
     p.add_argument(

@@ -260,8 +260,11 @@ def test_compose_every_site_has_its_warm_worker_on_a_shared_volume(compose: dict
         if not svc["image"].startswith("flwr/supernode"):
             continue
         node_cfg = parse_config_args([_opt(_args(svc), "--node-config")])
-        sock = PurePosixPath(str(node_cfg.get("worker-socket", "")))
-        assert sock.is_absolute(), f"{node}: node config worker-socket={sock} (want a path)"
+        raw = node_cfg.get("worker-socket")
+        assert raw and PurePosixPath(str(raw)).is_absolute(), (
+            f"{node}: node config worker-socket={raw!r}; name the worker's socket (a full path)"
+        )
+        sock = PurePosixPath(str(raw))
         folder = str(sock.parent)
         # the image makes the folder the worker requires (its user's, mode 700)
         assert f"mkdir -m 700 {folder}" in dockerfile, f"deploy/Dockerfile does not make {folder}"
