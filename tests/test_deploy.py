@@ -566,10 +566,11 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.multihost
 def test_compose_file_runs_a_federation_under_podman(tmp_path: Path) -> None:
-    """docker-compose.yml's 14 services (SuperLink, ServerApp executor, six SuperNodes and their
-    ClientApp executors; TLS, node authentication, process isolation) come up under
-    podman-compose on a base image built here (testbed/podman.py) and finish a one-round
-    federation that writes the metrics contract for its five training sites and phone."""
+    """docker-compose.yml's 20 services (SuperLink, ServerApp executor, six SuperNodes with
+    their ClientApp executors and warm workers; TLS, node authentication, process isolation)
+    come up under podman-compose on a base image built here (testbed/podman.py) and finish a
+    one-round federation that writes the metrics contract for its five training sites and
+    phone; every site's worker log shows it ran that run's messages."""
     from testbed import podman
 
     reason = podman.why_no_podman()
@@ -618,6 +619,14 @@ def test_compose_file_runs_a_federation_under_podman(tmp_path: Path) -> None:
         assert set(rows[1]["train"]) == training and set(rows[1]["heldout"]) == {HELDOUT}
         assert set(rows[1]["clients"]) == training and rows[1]["replied"] == 5
         assert "heldout_eval: clients" in (run_dir / "config.yaml").read_text()
+        for site in podman.SITES:  # each site's messages were run by its warm worker
+            kind = "evaluate" if site == HELDOUT else "train"
+            name = f"{project}_worker-{site.replace('_', '')}_1"  # podman-compose's naming
+            log = subprocess.run(
+                ["podman", "logs", name], env=env, capture_output=True, text=True
+            )  # fmt: skip
+            done = f"{kind} message of run {run_id} done"
+            assert done in log.stdout + log.stderr, f"{name}: no '{done}'\n{log.stderr[-3000:]}"
     finally:  # every container's log kept in tmp_path/logs, then everything of `project` removed
         (tmp_path / "logs").mkdir()
         ps = ["podman", "ps", "-a", "--filter", f"label=io.podman.compose.project={project}"]
