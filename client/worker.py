@@ -162,8 +162,14 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser() -> argparse.ArgumentParser:
+    """The command line (also what tests/test_deploy.py checks docker-compose.yml's workers by).
+    Flags are taken whole only: a command that works by abbreviation breaks with a new flag."""
+    p = argparse.ArgumentParser(
+        prog="python -m client.worker",
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
+    )
     p.add_argument("--socket", required=True, type=Path, help="the socket to listen on")
     p.add_argument("--stop-with", type=int, metavar="PID", help="stop when this process has")
     p.add_argument(
@@ -172,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="sites (run configs) kept built; the oldest is dropped",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.max_sites < 1:

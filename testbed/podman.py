@@ -6,8 +6,10 @@ Debian 12 minbase image built here with debootstrap from the Debian mirror, with
 Python and the project's `.venv` (flwr 1.42.0, torch) mounted read-only at their own paths
 instead of installed in an image. Everything else comes from docker-compose.yml unchanged: the
 services, their commands and flags (TLS, SuperNode authentication, process isolation), the
-certificates and data volumes, the network. Left out: the `gpu` profile's service (podman-compose
-1.0.3 has no `--profile`), `restart`, `build`.
+sites' warm workers, the certificates, data and worker socket volumes, the network. Every
+container runs as root here (the image has no user `app`): one user in all of them, as in the
+file. Left out: the `gpu` profile's services (podman-compose 1.0.3 has no `--profile`),
+`restart`, `build`.
 
 Two things of this machine (a Firecracker VM) need a containers.conf: crun refuses hybrid
 cgroups (`cgroups in hybrid mode not supported`), so runc; and without CAP_SYS_RESOURCE the
@@ -104,9 +106,12 @@ def local_compose(port: int) -> dict[str, Any]:
         image = str(svc.get("image", ""))
         tool = next(t for t in ("superlink", "supernode", "superexec") if t in image)
         svc = {k: v for k, v in svc.items() if k not in ("build", "profiles", "deploy", "restart")}
+        # a service's own entrypoint (the warm workers' `python -m client.worker`) keeps its
+        # arguments and runs on the mounted environment's interpreter
+        own = svc.get("entrypoint")
         svc.update(
             image=IMAGE,
-            entrypoint=[f"{venv_bin}/flower-{tool}"],
+            entrypoint=[f"{venv_bin}/{own[0]}", *own[1:]] if own else [f"{venv_bin}/flower-{tool}"],
             working_dir="/app",  # Flower's images: certificates/... are relative to /app
             environment={**env, **svc.get("environment", {})},  # the service's own win
             volumes=[*svc.get("volumes", []), *mounts],

@@ -6,6 +6,7 @@ The namespace tests need root and `ip`; where either is missing they are skipped
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -112,6 +113,24 @@ def _opt(args: list[str], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
+WORKER_ENTRYPOINT = ["python", "-m", "client.worker"]  # the one entrypoint a service may override
+
+
+def _worker_args(name: str, svc: dict) -> argparse.Namespace:
+    """A worker service's command as client/worker.py's own parser reads it."""
+    from client.worker import parser
+
+    try:
+        return parser().parse_args(_args(svc))
+    except SystemExit:  # argparse printed why (captured above)
+        pytest.fail(f"{name}: python -m client.worker refuses its command {_args(svc)}")
+
+
+def _mounts(svc: dict) -> dict[str, str]:
+    """A service's volumes as {path in the container: volume or host path}."""
+    return {v.split(":")[1]: v.split(":")[0] for v in svc.get("volumes", [])}
+
+
 def test_compose_schema_and_images(compose: dict) -> None:
     import flwr
 
@@ -126,8 +145,10 @@ def test_compose_schema_and_images(compose: dict) -> None:
     for name, svc in services.items():
         assert set(svc) <= {
             "image", "build", "command", "ports", "volumes", "depends_on", "restart",
-            "profiles", "deploy", "environment",
+            "profiles", "deploy", "environment", "entrypoint",
         }, name  # fmt: skip
+        if "entrypoint" in svc:  # else its command would escape the flag checks below
+            assert svc["entrypoint"] == WORKER_ENTRYPOINT, f"{name}: {svc['entrypoint']}"
         image = svc["image"]
         if image.startswith("flwr/"):
             assert image.split(":")[1] == FLWR_VERSION, f"{name}: {image}"
@@ -158,6 +179,10 @@ def test_compose_commands_use_flwr_142_flags(compose: dict, tmp_path: Path) -> N
     }
     known = {b: _flags(b, tmp_path) for b in binaries.values()}
     for name, svc in compose["services"].items():
+        if "entrypoint" in svc:  # a warm worker: its flags are client/worker.py's
+            # --stop-with names a process of this container; the container's stop replaces it
+            assert _worker_args(name, svc).stop_with is None, name
+            continue
         binary = binaries[svc["image"].split(":")[0]]
         flags, deprecated = known[binary]
         for arg in _args(svc):
@@ -203,7 +228,7 @@ def test_compose_federation_is_tls_authenticated_and_one_site_per_source(compose
     # every SuperNode has a ClientApp executor with its own data volume
     data_volumes: dict[str, str] = {}
     for name, svc in services.items():
-        if not svc["image"].startswith("hdf-fed/"):
+        if not svc["image"].startswith("hdf-fed/") or "entrypoint" in svc:
             continue
         target = _opt(_args(svc), "--runtime-api-address")
         if target.startswith("superlink:"):
@@ -214,6 +239,59 @@ def test_compose_federation_is_tls_authenticated_and_one_site_per_source(compose
         [vol] = [v for v in svc["volumes"] if v.endswith(":/data")]
         assert data_volumes.setdefault(vol, node) == node, f"{vol} shared by two sites"
     assert set(data_volumes.values()) == set(sites)
+
+
+def test_compose_every_site_has_its_warm_worker_on_a_shared_volume(compose: dict) -> None:
+    """Each SuperNode names a worker socket; every ClientApp executor of that site mounts the
+    socket's folder from a volume of the site's own, and exactly one worker of the same profile
+    listens on that socket on that volume, with the executor's data volume, image, environment
+    and GPU. Every worker serves a site."""
+    from flwr.common.config import parse_config_args
+
+    services, declared = compose["services"], compose["volumes"]
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    workers = {n: _worker_args(n, s) for n, s in services.items() if "entrypoint" in s}
+    executors = {
+        n: s for n, s in services.items() if s["image"].startswith("hdf-fed/") and n not in workers
+    }
+    socket_volumes: dict[str, str] = {}  # volume -> the SuperNode whose socket it holds
+    served: set[str] = set()
+    for node, svc in services.items():
+        if not svc["image"].startswith("flwr/supernode"):
+            continue
+        node_cfg = parse_config_args([_opt(_args(svc), "--node-config")])
+        raw = node_cfg.get("worker-socket")
+        assert raw and PurePosixPath(str(raw)).is_absolute(), (
+            f"{node}: node config worker-socket={raw!r}; name the worker's socket (a full path)"
+        )
+        sock = PurePosixPath(str(raw))
+        folder = str(sock.parent)
+        # the image makes the folder the worker requires (its user's, mode 700)
+        assert f"mkdir -m 700 {folder}" in dockerfile, f"deploy/Dockerfile does not make {folder}"
+        mine = {
+            n: s
+            for n, s in executors.items()
+            if _opt(_args(s), "--runtime-api-address").split(":")[0] == node
+        }
+        assert mine, f"{node} has no ClientApp executor"
+        for name, ex in mine.items():
+            vol = _mounts(ex).get(folder)
+            assert vol in declared, f"{name} mounts no named volume at {folder} ({node}'s socket)"
+            assert socket_volumes.setdefault(vol, node) == node, f"{vol} serves two sites"
+            same = [
+                w
+                for w, args in workers.items()
+                if str(args.socket) == str(sock)
+                and _mounts(services[w]).get(folder) == vol
+                and services[w].get("profiles") == ex.get("profiles")
+            ]
+            assert len(same) == 1, f"{name}: {same or 'no'} worker(s) on {vol}:{sock}"
+            worker = services[same[0]]
+            assert _mounts(worker).get("/data") == _mounts(ex)["/data"], same[0]
+            for key in ("image", "environment", "deploy"):  # deploy: the GPU profile's GPU
+                assert worker.get(key) == ex.get(key), f"{same[0]} and {name} differ in {key}"
+            served.add(same[0])
+    assert served == set(workers), f"workers of no site: {set(workers) - served}"
 
 
 # ---- node authentication on loopback -----------------------------------------------------------
@@ -488,10 +566,11 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.multihost
 def test_compose_file_runs_a_federation_under_podman(tmp_path: Path) -> None:
-    """docker-compose.yml's 14 services (SuperLink, ServerApp executor, six SuperNodes and their
-    ClientApp executors; TLS, node authentication, process isolation) come up under
-    podman-compose on a base image built here (testbed/podman.py) and finish a one-round
-    federation that writes the metrics contract for its five training sites and phone."""
+    """docker-compose.yml's 20 services (SuperLink, ServerApp executor, six SuperNodes with
+    their ClientApp executors and warm workers; TLS, node authentication, process isolation)
+    come up under podman-compose on a base image built here (testbed/podman.py) and finish a
+    one-round federation that writes the metrics contract for its five training sites and
+    phone; every site's worker log shows it ran that run's messages."""
     from testbed import podman
 
     reason = podman.why_no_podman()
@@ -540,6 +619,14 @@ def test_compose_file_runs_a_federation_under_podman(tmp_path: Path) -> None:
         assert set(rows[1]["train"]) == training and set(rows[1]["heldout"]) == {HELDOUT}
         assert set(rows[1]["clients"]) == training and rows[1]["replied"] == 5
         assert "heldout_eval: clients" in (run_dir / "config.yaml").read_text()
+        for site in podman.SITES:  # each site's messages were run by its warm worker
+            kind = "evaluate" if site == HELDOUT else "train"
+            name = f"{project}_worker-{site.replace('_', '')}_1"  # podman-compose's naming
+            log = subprocess.run(
+                ["podman", "logs", name], env=env, capture_output=True, text=True
+            )  # fmt: skip
+            done = f"{kind} message of run {run_id} done"
+            assert done in log.stdout + log.stderr, f"{name}: no '{done}'\n{log.stderr[-3000:]}"
     finally:  # every container's log kept in tmp_path/logs, then everything of `project` removed
         (tmp_path / "logs").mkdir()
         ps = ["podman", "ps", "-a", "--filter", f"label=io.podman.compose.project={project}"]
