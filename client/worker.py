@@ -11,7 +11,9 @@ frames), and the worker runs the same `client.handlers` functions on its cached 
 
 Security: the socket is created mode 0600 in a folder the site's user owns that nobody else may
 write to; a peer running as another user is refused (SO_PEERCRED); requests are Flower
-protobufs and JSON inside bounded frames, never pickles. One request at a time.
+protobufs and JSON inside bounded frames, never pickles. One request at a time. A request
+from a ClientApp whose code differs from the worker's (`worker_link.code_version`) is refused,
+and that ClientApp runs the message itself.
 """
 
 from __future__ import annotations
@@ -195,7 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"client.worker: {err}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _stop)
-    print(f"client.worker: listening on {args.socket.absolute()} (pid {os.getpid()})", flush=True)
+    # the code it serves with, taken now: ClientApps of other code are refused (worker_link)
+    code = link.code_version()
+    print(
+        f"client.worker: listening on {args.socket.absolute()} (pid {os.getpid()}, "
+        f"code {code[:12]})",
+        flush=True,
+    )
     try:
         serve(server, os.getuid(), args.stop_with)
     finally:

@@ -7,7 +7,8 @@ imports neither torch nor the model.
 
 Protocol: a Unix stream socket, one request per connection, every frame an 8-byte big-endian
 length and that many bytes, each length checked against a bound before anything is read. A
-request is a JSON header `{"protocol": 1, "kind": "train"|"evaluate"|"query"}`, the message
+request is a JSON header `{"protocol": 2, "kind": "train"|"evaluate"|"query", "code": digest}`
+(`code_version`: a worker refuses a request from other code than its own), the message
 (its metadata) and the context (node config, run config) as Flower's own protobufs, then their
 records (the message's content, the context's state). A reply is a JSON header (`ok`; a query's
 `answer`; a handler's `error`, or why the worker `refused` the request), then for train and
@@ -18,14 +19,20 @@ protobufs without their arrays' bytes, which follow as frames of their own. Noth
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
 import socket
 import struct
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
@@ -52,7 +59,9 @@ CONNECT_TIMEOUT_S = 5.0
 MAX_FRAME_ENV = "HDF_WORKER_MAX_FRAME"  # bytes; both sides read it
 DEFAULT_MAX_FRAME = 1 << 30  # r3d_18 packed fp32 is 133 MB, its kept Adam state twice that
 MAX_HEADER = 1 << 20  # a JSON header: a kind, a query's answer or an error with its traceback
-PROTOCOL = 1
+PROTOCOL = 2  # 2: the request header names the code that sent it
+CODE_PACKAGES = ("hdf", "client")  # what a handler runs, on either side of the socket
+CODE_DEPENDENCIES = ("torch", "torchvision", "flwr", "numpy")
 KINDS = ("train", "evaluate", "query")
 _LENGTH = struct.Struct(">Q")
 _OWN_PACKAGES = ("hdf", "client")  # error classes rebuilt beyond the built-in ones
@@ -207,11 +216,55 @@ def check_peer(sock: socket.socket, uid: int) -> None:
         raise PermissionError(f"the peer runs as uid {other}, not as the site's uid {uid}")
 
 
+# ---- which code answers ----------------------------------------------------------------------
+def source_digest(roots: Iterable[Path], versions: dict[str, str]) -> str:
+    """SHA-256 over every .py file under `roots` (its path below its root and its bytes, in
+    sorted order) and the `versions` of the dependencies."""
+    h = hashlib.sha256()
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            rel = f"{root.name}/{path.relative_to(root).as_posix()}".encode()
+            data = path.read_bytes()
+            h.update(b"%d:%s%d:" % (len(rel), rel, len(data)) + data)
+    for name, version in sorted(versions.items()):
+        h.update(f"{name}={version};".encode())
+    return h.hexdigest()
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+@functools.cache
+def code_version() -> str:
+    """The code this process runs a handler with: the sources of `hdf` and `client` and the
+    versions of torch, torchvision, flwr and numpy, hashed (no package is imported for it).
+
+    The ClientApp runs the code `flwr run` sent (the FAB); a worker runs what it was started
+    from (the site's checkout, or its image). After a code change one of them may be stale,
+    and its replies would come from code the run never sent; the worker refuses such a
+    request and the ClientApp runs it itself, with a warning saying to restart the worker."""
+    roots = []
+    for name in CODE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(f"package {name!r} is not importable here")
+        roots.append(Path(next(iter(spec.submodule_search_locations))))
+    return source_digest(roots, {d: _version(d) for d in CODE_DEPENDENCIES})
+
+
+class CodeMismatch(FrameError):
+    """A request from a ClientApp that runs other code than this worker."""
+
+
 # ---- requests (the worker's side reads them) --------------------------------------------------
 def request_frames(kind: str, msg: Message, context: Context) -> list[bytes]:
     """A request: header, the message and context without their records, then the records
     (the message's content, the context's state)."""
-    header = json.dumps({"protocol": PROTOCOL, "kind": kind}).encode()
+    header = json.dumps({"protocol": PROTOCOL, "kind": kind, "code": code_version()}).encode()
     bare_msg = make_message(metadata=msg.metadata, content=RecordDict())
     bare_ctx = dataclasses.replace(context, state=RecordDict())
     return [
@@ -223,8 +276,10 @@ def request_frames(kind: str, msg: Message, context: Context) -> list[bytes]:
 
 
 def recv_request(sock: socket.socket) -> tuple[str, Message, Context]:
-    """A request's kind, message and context; FrameError on anything else."""
-    kind = recv_header(sock, "request").get("kind")
+    """A request's kind, message and context; FrameError on anything else, CodeMismatch
+    for a request from other code than this process's."""
+    header = recv_header(sock, "request")
+    kind = header.get("kind")
     if kind not in KINDS:
         raise FrameError(f"request: kind {kind!r} is not one of {', '.join(KINDS)}")
     limit = max_frame()
@@ -235,6 +290,15 @@ def recv_request(sock: socket.socket) -> tuple[str, Message, Context]:
     except (ValueError, TypeError) as err:
         raise FrameError(f"request: the message or context does not decode ({err})") from None
     content, state = recv_records(sock, "request records", 2)
+    # checked once all is read, so that the ClientApp gets the refusal and its reason
+    theirs, ours = str(header.get("code", "none")), code_version()
+    if theirs != ours:
+        raise CodeMismatch(
+            f"the ClientApp runs other code ({theirs[:12]}) than this worker ({ours[:12]}): the "
+            "sources of hdf/client or the torch, torchvision, flwr or numpy versions differ; "
+            "restart the site's worker from the code of the run (deploy/supernode.sh "
+            "--warm-worker; compose: rebuild the image, docker compose up -d worker-<site>)"
+        )
     message = make_message(metadata=bare_msg.metadata, content=content)
     return kind, message, dataclasses.replace(bare_ctx, state=state)
 

@@ -368,10 +368,10 @@ def test_an_oversize_frame_is_refused_before_it_is_read(monkeypatch) -> None:
     ("frames", "match"),
     [
         ([b"\xff not json"], "header frame is not JSON"),
-        ([b'{"protocol": 2, "kind": "train"}'], "not protocol 1"),
-        ([b"[1, 2]"], "not protocol 1"),
-        ([b'{"protocol": 1, "kind": "fit"}'], "kind 'fit' is not one of train, evaluate, query"),
-        ([b'{"protocol": 1, "kind": "train"}', b"\x0a\xff\xff"], "not a Message protobuf"),
+        ([b'{"protocol": 1, "kind": "train"}'], "not protocol 2"),
+        ([b"[1, 2]"], "not protocol 2"),
+        ([b'{"protocol": 2, "kind": "fit"}'], "kind 'fit' is not one of train, evaluate, query"),
+        ([b'{"protocol": 2, "kind": "train"}', b"\x0a\xff\xff"], "not a Message protobuf"),
     ],
 )
 def test_a_malformed_request_is_a_clear_error(frames, match) -> None:
@@ -441,10 +441,55 @@ def test_the_worker_refuses_garbage_and_keeps_serving(cfg, warm) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(60)
         s.connect(warm)
-        worker_link.send_frames(s, [b'{"protocol": 1, "kind": "train"}', b"\x0a\xff\xff"])
+        worker_link.send_frames(s, [b'{"protocol": 2, "kind": "train"}', b"\x0a\xff\xff"])
         header = worker_link.recv_header(s, "reply")
     assert header["ok"] is False and "not a Message protobuf" in header["refused"]
     assert worker_link.forward("evaluate", _message(cfg, 1, "evaluate"), _context(warm))
+
+
+def test_a_clientapp_of_other_code_is_refused_and_runs_the_message_itself(
+    cfg, warm, monkeypatch, caplog
+) -> None:
+    """A ClientApp whose code differs from the worker's (a stale worker after a code change)
+    gets a refusal that says so and how to fix it, and runs the handler itself: the reply is
+    the cold one. The worker keeps serving the ClientApps of its own code."""
+    msg = _message(cfg, 1, MessageType.EVALUATE)
+    monkeypatch.setattr(worker_link, "code_version", lambda: "f" * 64)
+    with caplog.at_level(logging.WARNING, logger="client.worker_link"):
+        assert worker_link.forward("evaluate", msg, _context(warm)) is None
+        reply = app(msg, _context(warm)).content
+    said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert said and "runs other code (ffffffffffff)" in said[0] and "restart" in said[0]
+    assert _bytes(reply) == _bytes(_cold("evaluate", msg, _context(warm)).content)
+    monkeypatch.undo()
+    assert worker_link.forward("evaluate", msg, _context(warm)) is not None
+
+
+def test_the_code_version_follows_every_source_byte_and_dependency(tmp_path) -> None:
+    """Any change to a .py file of the packages (a byte, a name, a new module) or to a
+    dependency's version changes the digest; caches and other files do not."""
+    pkg = tmp_path / "hdf"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "b.py").write_text("y = 2\n")
+    versions = {"torch": "2.14.1"}
+    base = worker_link.source_digest([pkg], versions)
+    assert base == worker_link.source_digest([pkg], dict(versions))  # stable
+    (pkg / "sub" / "b.cpython-311.pyc").write_bytes(b"\0")
+    (pkg / "notes.md").write_text("not code")
+    assert worker_link.source_digest([pkg], versions) == base
+    assert worker_link.source_digest([pkg], {"torch": "2.15.0"}) != base
+    (pkg / "a.py").write_text("x = 2\n")
+    assert worker_link.source_digest([pkg], versions) != base
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "b.py").rename(pkg / "sub" / "c.py")
+    assert worker_link.source_digest([pkg], versions) != base
+    (pkg / "sub" / "c.py").rename(pkg / "sub" / "b.py")
+    assert worker_link.source_digest([pkg], versions) == base
+    (pkg / "new.py").write_text("")
+    assert worker_link.source_digest([pkg], versions) != base
+    # this checkout's own: both packages, the installed versions
+    assert re.fullmatch(r"[0-9a-f]{64}", worker_link.code_version())
 
 
 # ---- who may connect ------------------------------------------------------------------------
