@@ -381,7 +381,9 @@ def deployment(quick: bool, tmp: Path) -> dict[str, Any]:
     same for an r3d_18-size model with fewer rounds (2: with 1, the final evaluation exchange
     would be half of the one round measured). `warm_worker`: the 3 sites again, each with its
     warm worker (`deploy/supernode.sh --warm-worker`); for r3d_18 also with a bf16 wire
-    (`warm_worker_bf16`), the fastest setup the deployment offers."""
+    (`warm_worker_bf16`), the fastest setup the deployment scripts give, and that again with
+    the SuperLink's state in memory (`warm_worker_bf16_memory_db`: a restarted SuperLink then
+    forgets the registered sites, docs/deploy.md)."""
     out: dict[str, Any] = {}
     r3d_rounds = 1 if quick else 2
     for model, rounds, sites in (("tiny", 1 if quick else 3, "3,1"), ("r3d_18", r3d_rounds, "3,1")):
@@ -398,7 +400,9 @@ def deployment(quick: bool, tmp: Path) -> dict[str, Any]:
             entry["one_site"] = {k: res["sites_1"][k] for k in DEPLOYMENT_KEYS}
         warm = [("warm_worker", [])]
         if model == "r3d_18":
-            warm.append(("warm_worker_bf16", ["server.wire_dtype=bfloat16"]))
+            bf16 = "server.wire_dtype=bfloat16"
+            warm.append(("warm_worker_bf16", [bf16]))
+            warm.append(("warm_worker_bf16_memory_db", ["--memory-db", bf16]))
         for key, overrides in warm:
             res = _last_json(_run([*cmd, "--sites", "3", "--warm-worker", *overrides])["stdout"])
             entry[key] = {k: res["sites_3"][k] for k in DEPLOYMENT_KEYS}
