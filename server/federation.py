@@ -27,6 +27,7 @@ from hdf.evaluate import summarize
 from hdf.models import build_model
 from hdf.npy import torch_state
 from hdf.optim.schedule import fixed_norm_in_round, lr_of_round
+from hdf.runfolder.averaging import ModelAverage, averaged_in_round, write_average
 from hdf.runfolder.folder import RunFolder, rng_state, set_rng_state
 from hdf.runfolder.report import format_row
 from hdf.runfolder.selection import BestModel
@@ -227,6 +228,7 @@ class Federation:
         self.eval_config = ConfigRecord({K.RUN_CONFIG: self.cfg_yaml, K.SPLIT: "val"})
         self.tracker = Tracker(cfg, run)
         self.best = BestModel(run.path, self.cfg_yaml)
+        self.average = ModelAverage()  # the late rounds' models (`server.average_after`)
         self.start_round = 1
         self.train_indices = {s.index for s in self.train_sources}
         # round 0's row, waiting for the evaluation of the initial model
@@ -290,6 +292,8 @@ class Federation:
         self.strategy.load_state_dict(ckpt["strategy"])
         if self.strategy.server_opt is not None and ckpt.get("server_opt"):
             self.strategy.server_opt.load_state_dict(ckpt["server_opt"])
+        if ckpt.get("average"):
+            self.average.load_state_dict(ckpt["average"])
         set_rng_state(ckpt["rng"])
         self.start_round = int(ckpt["round"]) + 1
         self.run.truncate_metrics(int(ckpt["round"]))
@@ -308,6 +312,7 @@ class Federation:
                     if self.strategy.server_opt is not None
                     else None
                 ),
+                "average": self.average.state_dict() if self.average.count else None,
                 "rng": rng_state(),
                 "config": self.cfg_yaml,
             }
@@ -323,21 +328,23 @@ class Federation:
             float(self.cfg.server.reply_poll_s),
         )
 
-    def start_scoring(self) -> Future | None:
+    def start_scoring(self, arrays: ArrayRecord | None = None) -> Future | None:
         """Score the held-out sources on the server (in a thread) while the sites work."""
         if self.heldout_eval is None:
             return None
-        return self._pool.submit(self.heldout_eval.score, self.arrays)
+        return self._pool.submit(self.heldout_eval.score, self.arrays if arrays is None else arrays)
 
-    def evaluate(self, server_round: int) -> Evaluation:
-        """The evaluation of the current model, from an evaluate exchange of its own.
+    def evaluate(self, server_round: int, arrays: ArrayRecord | None = None) -> Evaluation:
+        """The evaluation of the current model (or of `arrays`), from an evaluate exchange of
+        its own.
 
         The server scores its held-out sources in a thread while the clients evaluate, so the
         round waits for the slower of the two instead of their sum.
         """
-        scoring = self.start_scoring()
+        arrays = self.arrays if arrays is None else arrays
+        scoring = self.start_scoring(arrays)
         msgs = list(
-            self.strategy.configure_evaluate(server_round, self.arrays, self.eval_config, self.grid)
+            self.strategy.configure_evaluate(server_round, arrays, self.eval_config, self.grid)
         )
         return self.scores(server_round, self.exchange(msgs), scoring)
 
@@ -461,8 +468,27 @@ class Federation:
         self.run.append_metrics(done)
         self.tracker.log(done)
         self.show(done)
+        if averaged_in_round(self.cfg.server.average_after, r, int(self.cfg.rounds)):
+            self.average.update(torch_state(self.arrays), r)
         self.checkpoint(r)
         self.best.offer(done, lambda: torch_state(self.arrays))
+
+    def score_average(self) -> None:
+        """Score the average of the late rounds' models in one evaluate exchange and keep it
+        (average.pt, average.json). It runs after the last checkpoint, so a run resumed after
+        its last round scores it again; the strategy's state is not saved after it."""
+        t0 = time.monotonic()
+        evaluation = self.evaluate(int(self.cfg.rounds), ArrayRecord(self.average.state()))
+        row = {
+            "round": self.average.last_round,
+            **evaluation.head,
+            "rejected": evaluation.rejected,
+            "flagged": evaluation.flagged,
+            "seconds": time.monotonic() - t0,
+        }
+        write_average(self.run.path, self.average, row, self.cfg_yaml)
+        self.console.print(f"average of rounds {self.average.first_round}-{row['round']}:")
+        self.show(row)
 
     def show(self, row: dict[str, Any]) -> None:
         self.console.print(format_row(row, int(self.cfg.rounds)))
@@ -491,6 +517,8 @@ class Federation:
             evaluation = self.evaluate(self.pending["round"])
             self.pending["seconds"] += time.monotonic() - t0
             self.finish(self.pending, evaluation)
+        if self.average.count:
+            self.score_average()
         self._pool.shutdown()
         self.tracker.finish()
         self.run.mark_done()

@@ -30,6 +30,7 @@ from hdf.device import resolve_device, seed_everything, set_deterministic
 from hdf.evaluate import evaluate, summarize
 from hdf.models import HDFNet, build_model
 from hdf.optim.schedule import fixed_norm_in_round, lr_of_round
+from hdf.runfolder.averaging import ModelAverage, averaged_in_round, write_average
 from hdf.runfolder.folder import RunFolder, discarded_unless_trained
 from hdf.runfolder.report import format_row, write_report
 from hdf.runfolder.selection import BestModel
@@ -86,6 +87,21 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
     tracker = Tracker(cfg, run)
     optimizer_state = None  # only with train.keep_optimizer_state
     methods = check_methods(settings.server.heldout_adapt)
+    average = ModelAverage()  # with server.average_after, as a federated run averages
+
+    def scores(model: HDFNet) -> dict[str, Any]:
+        """A row's scores of `model`: training sources' val, held-out test, after adaptation."""
+        out = {
+            "train": score(model, train_sources, "val", device, cfg, confusion=False),
+            "heldout": score(model, heldout, "test", device, cfg, confusion=True),
+        }
+        adapted = {
+            m: score(model, heldout, "test", device, cfg, confusion=True, adapt=m) for m in methods
+        }
+        if adapted and heldout:
+            out["heldout_adapted"] = adapted
+        return out
+
     for r in range(0, int(cfg.rounds) + 1):
         t0 = time.monotonic()
         if r > 0:
@@ -101,21 +117,21 @@ def train_centralized(cfg: DictConfig, run: RunFolder, console: Console | None =
                 fixed_norm=fixed_norm_in_round(settings.train, r, settings.rounds),
             )
             optimizer_state = stats.get("optimizer_state")
-        row = {
-            "round": r,
-            "lambda": share,
-            "train": score(model, train_sources, "val", device, cfg, confusion=False),
-            "heldout": score(model, heldout, "test", device, cfg, confusion=True),
-        }
-        adapted = {
-            m: score(model, heldout, "test", device, cfg, confusion=True, adapt=m) for m in methods
-        }
-        if adapted and heldout:
-            row["heldout_adapted"] = adapted
+        if averaged_in_round(settings.server.average_after, r, settings.rounds):
+            average.update(model.state_dict(), r)
+        row = {"round": r, "lambda": share, **scores(model)}
         row["seconds"] = time.monotonic() - t0
         run.append_metrics(row)
         best.offer(row, model.state_dict)
         tracker.log(row)
+        console.print(format_row(row, int(cfg.rounds)))
+    if average.count:  # scored like every round's model, BatchNorm statistics averaged too
+        t0 = time.monotonic()
+        model.load_state_dict(average.state())
+        row = {"round": average.last_round, "lambda": share, **scores(model)}
+        row["seconds"] = time.monotonic() - t0
+        write_average(run.path, average, row, cfg_yaml)
+        console.print(f"average of rounds {average.first_round}-{average.last_round}:")
         console.print(format_row(row, int(cfg.rounds)))
     tracker.finish()
     run.mark_done()

@@ -76,6 +76,14 @@ def check_config(cfg: DictConfig) -> None:
                 f"statistics, while strategy.local_norm={local} keeps each site's own: choose "
                 "one, e.g. strategy.local_norm=recompute with FixBN"
             )
+    average = OmegaConf.select(cfg, "server.average_after", default=None)
+    if average is not None:
+        ok = isinstance(average, int | float) and not isinstance(average, bool)
+        if not (ok and 0 <= average < 1):
+            raise ValueError(
+                f"server.average_after={average!r}: must be a fraction of the rounds in [0, 1) "
+                "(0.5: the models of the second half are averaged) or null for no average"
+            )
     adapt, norm = list(cfg.server.heldout_adapt), cfg.model.norm
     if "bn" in adapt and norm != "batch":
         raise ValueError(

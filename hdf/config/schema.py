@@ -392,6 +392,10 @@ class ServerConfig:
     # float32 | bfloat16 | float16: precision of float32 arrays on the wire (needs wire_pack); the
     # server and sites keep float32, replies carry 16-bit deltas; integer buffers travel exactly
     wire_dtype: str = "float32"
+    # Also score the average of the global models of the rounds after this fraction of the run
+    # (SWA; hdf/runfolder/averaging.py): average.pt and average.json beside best.pt, scored once
+    # at the end; training is unchanged. The pooled baseline averages alike. null: no average
+    average_after: float | None = None
 
 
 @dataclass
