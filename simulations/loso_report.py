@@ -132,9 +132,9 @@ def _comparison_lines(summary: dict[str, Any], at: str) -> list[str]:
     """Tables of paired differences against FedAvg and the pooled baseline, and the ratios."""
 
     def entry(s: dict[str, Any]) -> dict[str, Any]:
-        return s if at == "last" else s["selected"]
+        return s if at == "last" else s.get(at, {})
 
-    where = "last round" if at == "last" else "selected round (best.pt)"
+    where = WHERE[at]
     lines: list[str] = []
     for key, base in BASELINES.items():
         rows = [(name, entry(s)[key]) for name, s in summary.items() if key in entry(s)]
@@ -197,6 +197,46 @@ def _comparison_lines(summary: dict[str, Any], at: str) -> list[str]:
             cells = ["-" if r[k] is None else f"{r[k]:.2f}" for k in ("train_mean", "heldout_mean")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+WHERE = {
+    "last": "last round",
+    "selected": "selected round (best.pt)",
+    "average": "averaged model (average.pt)",
+}
+
+
+def _average_lines(summary: dict[str, Any]) -> list[str]:
+    """The averaged model against the last round's, same runs (`server.average_after`)."""
+    averaged = {name: s for name, s in summary.items() if "average" in s}
+    if not averaged:
+        return []
+    keys = ("mean_heldout_uar", "worst_heldout_uar", "mean_train_uar", "worst_train_uar")
+    lines = [
+        "",
+        "## Averaged model (average.pt) and last round",
+        "",
+        "Each run's average of its late rounds' models (`server.average_after`), scored once at "
+        "its end; training is the same with or without it. UAR in %, last / average.",
+        "",
+        "| strategy | mean held-out | worst held-out | mean in-distribution | worst "
+        "in-distribution | runs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in averaged.items():
+        cells = [f"{pct(s[k])} / {pct(s['average'][k])}" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['average']['runs']} |")
+    lines += [
+        "",
+        "## Averaged model against the last round, same runs: UAR points, 95 % CI",
+        "",
+        "| strategy | " + " | ".join(METRIC_LABELS.values()) + " |",
+        "|---" * (len(METRIC_LABELS) + 1) + "|",
+    ]
+    for name, s in averaged.items():
+        cmp = s["average"]["vs_last"]
+        lines.append(f"| {name} | " + " | ".join(_cell(cmp.get(m)) for m in METRICS) + " |")
+    return lines + _comparison_lines(averaged, "average")
 
 
 def _selected_lines(summary: dict[str, Any]) -> list[str]:
@@ -315,6 +355,7 @@ def write_report(sweep: Sweep) -> Path:
     lines += _comparison_lines(summary, "last")
     lines += _selected_lines(summary)
     lines += _comparison_lines(summary, "selected")
+    lines += _average_lines(summary)
     lines += _adapted_lines(sweep.heldout, summary)
     failed = [r for r in sweep.runs if not r.done]
     if failed:

@@ -1,6 +1,7 @@
 """The numbers of a leave-one-source-out sweep (summary.json): per entry, held-out and
-in-distribution UARs at the last and at the selected round, and paired differences with 95 %
-intervals against FedAvg, the pooled baseline, the first variant and no adaptation.
+in-distribution UARs at the last and at the selected round (and of the runs' averaged model, when
+they have one: `server.average_after`), and paired differences with 95 % intervals against
+FedAvg, the pooled baseline, the first variant and no adaptation.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from hdf.runfolder.averaging import read_average
 from hdf.runfolder.selection import select_round
 from simulations.loso_runs import CENTRALIZED, RUN_INFO, RunSpec, Sweep
 from simulations.stats import paired_ci
@@ -20,14 +22,19 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return float(np.mean(xs)), float(np.std(xs))  # population std: 0 with one seed
 
 
-AT = ("last", "selected")  # which round of a run is scored: its last, or its best.pt round
+# which model of a run is scored: its last round's, its best.pt round's, or its average.pt
+AT = ("last", "selected", "average")
 METRICS = ("heldout_mean", "heldout_worst", "train_mean", "train_worst")
 BASELINES = {"vs_fedavg": "fedavg", "vs_centralized": CENTRALIZED}
 Values = dict[tuple[int, str], dict[str, Any]]  # (seed, held-out source) -> one run's numbers
 
 
-def _pick(rows: list[dict[str, Any]], at: str) -> dict[str, Any] | None:
-    """The row scored for a run: its last, or its selected round (training sources only)."""
+def _pick(run: RunSpec, at: str) -> dict[str, Any] | None:
+    """The row scored for a run: its last, its selected round (training sources only), or its
+    averaged model's (None when the run has none)."""
+    if at == "average":
+        return read_average(run.path)
+    rows = run.rows()
     if not rows:
         return None
     if at == "last":
@@ -42,7 +49,7 @@ def run_values(sweep: Sweep, strategy: str, at: str) -> Values:
     for r in sweep.runs:
         if r.strategy != strategy or not r.done:
             continue
-        row = _pick(r.rows(), at)
+        row = _pick(r, at)
         if row is None:
             continue
         v: dict[str, Any] = {"round": row["round"]}
@@ -145,8 +152,9 @@ def comparisons(
         out[entry] = {}
         for key, base in BASELINES.items():
             other = baseline_of(entry, base, values)
-            if other is not None:
-                out[entry][key] = _compare(mine, values[other], heldout)
+            cmp = _compare(mine, values[other], heldout) if other is not None else {}
+            if cmp:  # no pairs (e.g. the baseline has no averaged models): no entry
+                out[entry][key] = cmp
         ref = variant_reference(entry, variants or [])
         if ref in values:
             out[entry]["vs_variant"] = {"against": ref, **_compare(mine, values[ref], heldout)}
@@ -190,6 +198,9 @@ def summarize(sweep: Sweep) -> tuple[dict[str, Any], dict[str, Any]]:
     differences with 95 % paired-t intervals (`comparisons`); ratio_to_centralized: this
     strategy's over the pooled baseline's mean UARs. `selected`: the same numbers at each run's
     selected round (best.pt: the best worst training-source validation UAR), plus its rounds.
+    `average` (runs with `server.average_after`): the same numbers for each run's averaged model
+    (average.pt), its comparisons against the baselines' averaged models, and `vs_last`: average
+    minus last round within the same runs.
     """
     summary: dict[str, Any] = {}
     details: dict[str, Any] = {}
@@ -213,6 +224,13 @@ def summarize(sweep: Sweep) -> tuple[dict[str, Any], dict[str, Any]]:
             **aggregate(selected, sweep.heldout),
             "rounds": sorted(v["round"] for v in selected.values()),
         }
+        average = values["average"][strategy]
+        if average:
+            summary[strategy]["average"] = {
+                **aggregate(average, sweep.heldout),
+                "runs": len(average),
+                "vs_last": _compare(average, last, sweep.heldout),
+            }
         train_by_source: dict[str, list[float]] = {}
         for v in last.values():
             for name, u in v.get("train_by_source", {}).items():
@@ -233,14 +251,15 @@ def summarize(sweep: Sweep) -> tuple[dict[str, Any], dict[str, Any]]:
     for at in AT:
         cmp = comparisons({s: values[at][s] for s in summary}, sweep.heldout, sweep.variants)
         for strategy, entry in summary.items():
-            target = entry if at == "last" else entry["selected"]
+            target = entry if at == "last" else entry.get(at)
+            if target is None:
+                continue
             target.update(cmp.get(strategy, {}))
             other = baseline_of(strategy, CENTRALIZED, summary)
             central = summary.get(other) if other else None
+            central = central if central is None or at == "last" else central.get(at)
             if central is not None:
-                target["ratio_to_centralized"] = ratio_to_centralized(
-                    target, central if at == "last" else central["selected"]
-                )
+                target["ratio_to_centralized"] = ratio_to_centralized(target, central)
     return summary, details
 
 

@@ -306,3 +306,20 @@ def test_fixed_norm_after_is_a_fraction_and_excludes_local_statistics(overrides,
     else:
         with pytest.raises(ValueError, match=re.escape(error)):
             check_config(compose(overrides))
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [("0.5", None), ("0", None), ("1", "must be a fraction of the rounds in [0, 1)"),
+     ("-0.1", "server.average_after=-0.1: must be a fraction")],
+)  # fmt: skip
+def test_average_after_is_a_fraction_that_leaves_a_round(value, error) -> None:
+    """1 would average no round at all: refused, with the key and what the value means."""
+    from hdf.config.preflight import check_config
+
+    cfg = compose([f"server.average_after={value}"])
+    if error is None:
+        check_config(cfg)
+    else:
+        with pytest.raises(ValueError, match=re.escape(error)):
+            check_config(cfg)

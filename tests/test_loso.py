@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from hdf.runfolder.averaging import AVERAGE_INFO_FILE
 from hdf.runfolder.folder import DONE_FILE, METRICS_FILE
 from simulations import loso
 
@@ -16,14 +17,19 @@ EMPTY_CM = [[0] * 7 for _ in range(7)]
 
 
 def _fake_launcher(
-    uar: dict[tuple[str, str, int], float], calls: list, early: float = 0.0, adapted: bool = False
+    uar: dict[tuple[str, str, int], float],
+    calls: list,
+    early: float = 0.0,
+    adapted: bool = False,
+    average: dict[str, float] | None = None,
 ):
     """Writes a 2-row metrics.jsonl and the done marker instead of running a federation.
 
     Round 1 scores u on the held-out source, round 0 scores 0; training sources score u + .1 i
     in round 1 and `early` more in round 0 (early > 0 makes round 0 the selected round). With
     `adapted`, rows also hold held-out scores after AdaBN (UAR + .2) and TENT (UAR + .1 on the
-    first held-out source only)."""
+    first held-out source only). `average` {strategy: gain}: that strategy's runs also write
+    average.json, round 1's row with every UAR `gain` higher."""
 
     def launch(run: loso.RunSpec) -> int:
         calls.append((run.strategy, run.heldout, run.seed))
@@ -55,6 +61,14 @@ def _fake_launcher(
                         run.heldout: {"uar": u_r + 0.1, "war": u_r, "confusion": EMPTY_CM}
                     }
         (run.path / METRICS_FILE).write_text("".join(json.dumps(x) + "\n" for x in rows))
+        gain = (average or {}).get(run.strategy)
+        if gain is not None:
+            row = json.loads(json.dumps(rows[1]))
+            for part in (row["train"], row["heldout"]):
+                for v in part.values():
+                    v["uar"] += gain
+            row["average"] = {"first_round": 1, "last_round": 1, "models": 1}
+            (run.path / AVERAGE_INFO_FILE).write_text(json.dumps(row) + "\n")
         (run.path / DONE_FILE).write_text("done\n")
         return 0
 
@@ -162,7 +176,9 @@ def test_code_version_is_the_checkouts_commit_or_unknown(tmp_path) -> None:
     assert loso.code_version(tmp_path) == "unknown"
 
 
-def _three_way(tmp_path, early: float = 0.0) -> tuple[dict, str]:
+def _three_way(
+    tmp_path, early: float = 0.0, average: dict[str, float] | None = None
+) -> tuple[dict, str]:
     """fedavg and dro as in the test above, plus centralized at .8 everywhere."""
     uar = {}
     for h in SOURCES:
@@ -175,7 +191,7 @@ def _three_way(tmp_path, early: float = 0.0) -> tuple[dict, str]:
         "loso.strategies=[fedavg,dro,centralized]",
         "loso.seeds=[0,1]",
     ]
-    loso.main(argv, launcher=_fake_launcher(uar, [], early))
+    loso.main(argv, launcher=_fake_launcher(uar, [], early, average=average))
     path = loso.plan(argv).path
     return json.loads((path / "summary.json").read_text()), (path / "report.md").read_text()
 
@@ -226,6 +242,29 @@ def test_selected_round_is_scored_beside_the_last(tmp_path) -> None:
     }
     assert "## Last round and selected round (best.pt)" in report
     assert "| dro | 60.0 / 0.0 | 50.0 / 0.0 |" in report
+
+
+def test_averaged_model_is_scored_beside_the_last_round(tmp_path) -> None:
+    """dro's averaged models score .05 above their last rounds everywhere, the pooled ones .02;
+    fedavg has none. vs_last is +.05 with no spread; the ratios read the averages: held-out
+    (.6 + .05) / (.8 + .02), in-distribution (.65 + .05) / (.85 + .02)."""
+    summary, report = _three_way(tmp_path, average={"dro": 0.05, "centralized": 0.02})
+    assert "average" not in summary["fedavg"]
+    avg = summary["dro"]["average"]
+    assert avg["runs"] == 6 and avg["mean_heldout_uar"] == pytest.approx(0.65)
+    assert avg["vs_last"]["heldout_mean"] == pytest.approx(
+        {"diff": 0.05, "lo": 0.05, "hi": 0.05, "n": 6}
+    )
+    assert avg["vs_last"]["train_worst"]["diff"] == pytest.approx(0.05)
+    assert "vs_fedavg" not in avg  # fedavg has no averaged model to pair with
+    assert avg["vs_centralized"]["heldout_mean"]["diff"] == pytest.approx(-0.2 + 0.03)
+    assert avg["ratio_to_centralized"] == pytest.approx(
+        {"train_mean": 0.7 / 0.87, "heldout_mean": 0.65 / 0.82}
+    )
+    assert summary["dro"]["ratio_to_centralized"]["heldout_mean"] == pytest.approx(0.75)
+    assert "## Averaged model (average.pt) and last round" in report
+    assert "| dro | 60.0 / 65.0 | 50.0 / 55.0 |" in report
+    assert "## Federated / centralized, averaged model (average.pt)" in report
 
 
 def test_run_folders_are_named_by_their_overrides(tmp_path) -> None:

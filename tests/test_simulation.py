@@ -59,6 +59,41 @@ def test_simulation_writes_the_run_folder_contract(tmp_path) -> None:
     assert set(ckpt["strategy"]["lambda"]) == {0, 1, 2}  # keyed by source index
 
 
+def test_average_of_the_late_rounds_is_scored_and_kept(tmp_path, monkeypatch) -> None:
+    """server.average_after=0 over 2 rounds: average.pt holds the mean of rounds 1 and 2's
+    global models (each taken when its round's checkpoint is written) and the batch counters of
+    round 2; average.json scores it on every source like a metrics row, and says which rounds."""
+    from hdf.npy import torch_state
+    from server.federation import Federation
+
+    models: dict[int, dict[str, torch.Tensor]] = {}
+    save = Federation.checkpoint
+
+    def keep(self, server_round: int) -> None:
+        models[server_round] = torch_state(self.arrays)
+        save(self, server_round)
+
+    monkeypatch.setattr(Federation, "checkpoint", keep)
+    cfg = _cfg(tmp_path, "server.average_after=0", "strategy=dro")
+    run = open_run(cfg)
+    simulate(cfg, run)
+    avg = json.loads((run.path / "average.json").read_text())
+    assert avg["average"] == {"first_round": 1, "last_round": 2, "models": 2}
+    assert avg["round"] == 2 and set(avg["train"]) == {"studio", "webcam", "cctv"}
+    assert set(avg["heldout"]) == {"phone"} and 0 <= avg["heldout"]["phone"]["uar"] <= 1
+    model = read_checkpoint(run.path / "average.pt")[0]["model"]
+    moved = 0
+    for k, v in model.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, (models[1][k] + models[2][k]) / 2)
+            moved += int(not torch.equal(v, models[2][k]))
+        else:
+            assert torch.equal(v, models[2][k]), k
+    assert moved > 0  # the average is not the last model
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert avg["train"] != rows[-1]["train"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
@@ -157,6 +192,11 @@ def _same_run(a_path, b_path) -> None:
     assert [r["round"] for r in rows_b] == [0, 1, 2]
     assert rows_a[-1]["train"] == rows_b[-1]["train"]
     assert rows_a[-1]["heldout"] == rows_b[-1]["heldout"]
+    if (a_path / "average.pt").exists():
+        avg_a, avg_b = (read_checkpoint(p / "average.pt")[0] for p in (a_path, b_path))
+        assert avg_a["average"] == avg_b["average"]
+        for k in avg_a["model"]:
+            assert torch.equal(avg_a["model"][k], avg_b["model"][k]), k
 
 
 @pytest.mark.slow
@@ -177,6 +217,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch) -> None:
         "server_opt.name=yogi",
         "server_opt.lr=0.01",
         "strategy.local_norm=recompute",
+        "server.average_after=0",  # the average of rounds 1 and 2 lives in the checkpoint too
     )
     full_cfg = _cfg(tmp_path, *det, "name=full")
     full = open_run(full_cfg)
