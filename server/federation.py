@@ -292,14 +292,33 @@ class Federation:
         self.strategy.load_state_dict(ckpt["strategy"])
         if self.strategy.server_opt is not None and ckpt.get("server_opt"):
             self.strategy.server_opt.load_state_dict(ckpt["server_opt"])
-        if ckpt.get("average"):
-            self.average.load_state_dict(ckpt["average"])
+        self._restore_average(ckpt.get("average"), int(ckpt["round"]))
         set_rng_state(ckpt["rng"])
         self.start_round = int(ckpt["round"]) + 1
         self.run.truncate_metrics(int(ckpt["round"]))
         self.best.resume(self.run.read_metrics(), int(ckpt["round"]), ckpt["model"])
         self.console.print(f"resuming {self.run.path} after round {ckpt['round']}")
         return True
+
+    def _restore_average(self, state: dict[str, Any] | None, last: int) -> None:
+        """Continue the checkpoint's average when this run's window (`server.average_after` of
+        its rounds, which an extended run changes) still holds its first round; otherwise the
+        average starts again, and a warning says which rounds it lacks."""
+        after, rounds = self.cfg.server.average_after, int(self.cfg.rounds)
+        if state and averaged_in_round(after, int(state["first_round"]), rounds):
+            self.average.load_state_dict(state)
+            return
+        missed = [r for r in range(1, last + 1) if averaged_in_round(after, r, rounds)]
+        if missed or state:
+            log.warning(
+                "server.average_after=%s of %d rounds: the checkpoint's average (%s) does not "
+                "fit this run's window, so the average starts again after round %d%s",
+                after,
+                rounds,
+                f"from round {state['first_round']}" if state else "none",
+                last,
+                f" and lacks rounds {missed[0]}-{missed[-1]}" if missed else "",
+            )
 
     def checkpoint(self, server_round: int) -> None:
         self.run.save_checkpoint(

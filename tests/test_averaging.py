@@ -64,3 +64,34 @@ def test_a_model_with_other_tensors_is_refused() -> None:
 )  # fmt: skip
 def test_rounds_after_the_fraction_enter_the_average(after, server_round, rounds, expected):
     assert averaged_in_round(after, server_round, rounds) is expected
+
+
+def _resumed(after: float | None, rounds: int, state: dict | None, last: int) -> ModelAverage:
+    """A Federation's average after `_restore_average` (nothing else of it is built)."""
+    from omegaconf import OmegaConf
+
+    from server.federation import Federation
+
+    fed = object.__new__(Federation)
+    fed.cfg = OmegaConf.create({"rounds": rounds, "server": {"average_after": after}})
+    fed.average = ModelAverage()
+    fed._restore_average(state, last)
+    return fed.average
+
+
+def test_a_resumed_run_continues_its_average_only_inside_its_window(caplog) -> None:
+    """The checkpoint averaged rounds 3-4 of a 4-round run at 0.5. Resumed with the same window
+    it continues; extended to 6 rounds (window 4-6, without round 3) or with averaging off, it
+    starts again, with a warning naming the rounds it lacks."""
+    saved = ModelAverage()
+    for r in (3, 4):
+        saved.update({"w": torch.full((2,), float(r))}, r)
+    state = saved.state_dict()
+    assert _resumed(0.5, 4, state, 4).info() == {"first_round": 3, "last_round": 4, "models": 2}
+    assert not caplog.records
+    extended = _resumed(0.5, 6, state, 4)  # window: rounds 4-6
+    assert extended.count == 0
+    assert "average starts again after round 4 and lacks rounds 4-4" in caplog.text
+    caplog.clear()
+    assert _resumed(None, 4, state, 4).count == 0  # averaging switched off
+    assert "does not fit this run's window" in caplog.text
