@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None, launcher: Callable[[RunSpec], int] | Non
         return worker(argv[1], argv[2], argv[3:])
     sweep = plan(argv)
     run_sweep(sweep, launcher or launch_subprocess)
-    write_report(sweep)
+    write_report(sweep.with_found_entries())
     failed = sum(not r.done for r in sweep.runs)
     if failed:
         print(f"{failed} run(s) did not finish; the report covers the rest", flush=True)

@@ -305,7 +305,12 @@ def write_report(sweep: Sweep) -> Path:
         "",
         f"Overrides: `{' '.join(sweep.base) or '(defaults)'}`; strategies {sweep.strategies}; "
         f"seeds {sweep.seeds}; held-out sources {sweep.heldout}; {done}/{len(sweep.runs)} runs "
-        "done.",
+        "done."
+        + (
+            f" Entries {sweep.found} are finished runs of earlier invocations in this folder."
+            if sweep.found
+            else ""
+        ),
         "",
         "Numbers are UAR / WAR in % of the last round's model, mean ± std over seeds. Held-out: "
         "the held-out source's test split. In-distribution: each training source's validation "

@@ -6,7 +6,8 @@ report (`simulations.loso_report`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +52,28 @@ class Sweep:
     runs: list[RunSpec] = field(default_factory=list)
     jobs: int = 1
     variants: list[str] = field(default_factory=list)  # names, in the order given
+    # entries read from the folder, run by other invocations with other loso settings
+    found: list[str] = field(default_factory=list)
+
+    def with_found_entries(self) -> Sweep:
+        """This sweep plus the finished runs of other entries in its folder (same overrides,
+        so the same data, model and budget; another invocation ran them, e.g. the pooled
+        baseline under its own variant), for this sweep's held-out sources and seeds: the
+        summary then compares this sweep's entries with them."""
+        planned = set(self.strategies)
+        found: list[RunSpec] = []
+        for info in sorted((self.path / "runs").glob(f"*/{RUN_INFO}")):
+            try:
+                d = json.loads(info.read_text())
+                spec = RunSpec(
+                    str(d["strategy"]), str(d["heldout"]), int(d["seed"]), [], info.parent
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a run this sweep can read; its own invocation reports it
+            usable = spec.heldout in self.heldout and spec.seed in self.seeds and spec.done
+            if spec.strategy not in planned and usable:
+                found.append(spec)
+        names = sorted({r.strategy for r in found})
+        return replace(
+            self, strategies=[*self.strategies, *names], runs=[*self.runs, *found], found=names
+        )

@@ -112,10 +112,13 @@ def paired(a: Values, b: Values, metric: str, heldout: list[str]) -> tuple[list[
 
 def baseline_of(entry: str, base: str, entries: Iterable[str]) -> str | None:
     """The entry `entry` is compared with for `base` ("fedavg", "centralized"): the base of the
-    same variant ("dro@base" -> "fedavg@base") where the sweep has it, else the plain base."""
+    same variant ("dro@base" -> "fedavg@base") where the sweep has it, else the plain base,
+    else the sweep's only entry of the base strategy ("centralized@p2", the pooled model at its
+    own schedule)."""
     _, at, variant = entry.partition("@")
     names = set(entries)
-    for candidate in (f"{base}{at}{variant}", base):
+    only = [n for n in names if n.partition("@")[0] == base]
+    for candidate in (f"{base}{at}{variant}", base, *(only if len(only) == 1 else [])):
         if candidate in names:
             return None if candidate == entry else candidate
     return None

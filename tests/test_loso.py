@@ -486,3 +486,38 @@ def test_compute_matched_preset_plans_equal_client_epochs() -> None:
     assert budgets == {(20, "tiny3d")}
     mine = loso.plan(["experiment=compute_matched", "loso.strategies=[centralized,dro]"])
     assert mine.strategies == ["centralized", "dro"] and len(mine.runs) == 20
+
+
+def test_a_later_sweep_compares_with_the_pooled_runs_already_in_its_folder(tmp_path) -> None:
+    """The compute-matched protocol: the pooled model at its own schedule (centralized@p2, .8)
+    runs first; FedAvg at another (fedavg@q, .6) later, into the same folder. The second
+    summary reads the first's runs and pairs them: held-out -.2 on all 3 sources, ratio .75.
+    A run of another held-out source than the sweep's is not read."""
+    root = [*BASE, f"loso.root={tmp_path}", "loso.seeds=[0]"]
+    pooled = [*root, "loso.strategies=[centralized]", "loso.variants={p2: [train.lr=2e-3]}"]
+    fed = [*root, "loso.strategies=[fedavg]", "loso.variants={q: [rounds=4]}"]
+    fed.append("loso.heldout=[studio,webcam]")
+    uar = {("centralized@p2", h, 0): 0.8 for h in SOURCES}
+    uar |= {("fedavg@q", h, 0): 0.6 for h in SOURCES}
+    loso.main([*pooled, "loso.heldout=[studio,webcam,movie]"], launcher=_fake_launcher(uar, []))
+    loso.main(fed, launcher=_fake_launcher(uar, []))
+    sweep = loso.plan(fed).with_found_entries()
+    assert sorted(
+        (r.strategy, r.heldout) for r in sweep.runs if r.strategy == "centralized@p2"
+    ) == [
+        ("centralized@p2", "studio"),
+        ("centralized@p2", "webcam"),
+    ]
+    path = sweep.path
+    summary = json.loads((path / "summary.json").read_text())
+    assert list(summary) == ["fedavg@q", "centralized@p2"]
+    assert summary["centralized@p2"]["heldout"].keys() == {"studio", "webcam"}  # not movie
+    mine = summary["fedavg@q"]
+    assert mine["vs_centralized"]["heldout_mean"] == pytest.approx(
+        {"diff": -0.2, "lo": -0.2, "hi": -0.2, "n": 2}
+    )
+    assert mine["ratio_to_centralized"]["heldout_mean"] == pytest.approx(0.75)
+    assert (
+        "Entries ['centralized@p2'] are finished runs of earlier invocations"
+        in (path / "report.md").read_text()
+    )
