@@ -7,6 +7,7 @@ The per-run plots (lambda over rounds, confusion matrices) are the run report's 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,26 +207,47 @@ WHERE = {
 }
 
 
+def _last_against(
+    summary: dict[str, Any],
+    at: str,
+    title: str,
+    intro: str,
+    column: str,
+    cell: Callable[[dict[str, Any]], Any],
+) -> list[str]:
+    """A table of each entry's means at its last round / at `at` ("selected", "average"), with
+    one more column (`column`, its cells `cell(summary[entry][at])`)."""
+    keys = ("mean_heldout_uar", "worst_heldout_uar", "mean_train_uar", "worst_train_uar")
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        intro,
+        "",
+        "| strategy | mean held-out | worst held-out | mean in-distribution | worst "
+        f"in-distribution | {column} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        cells = [f"{pct(s[k])} / {pct(s[at][k])}" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {cell(s[at])} |")
+    return lines
+
+
 def _average_lines(summary: dict[str, Any]) -> list[str]:
     """The averaged model against the last round's, same runs (`server.average_after`)."""
     averaged = {name: s for name, s in summary.items() if "average" in s}
     if not averaged:
         return []
-    keys = ("mean_heldout_uar", "worst_heldout_uar", "mean_train_uar", "worst_train_uar")
-    lines = [
-        "",
-        "## Averaged model (average.pt) and last round",
-        "",
+    lines = _last_against(
+        averaged,
+        "average",
+        "Averaged model (average.pt) and last round",
         "Each run's average of its late rounds' models (`server.average_after`), scored once at "
         "its end; training is the same with or without it. UAR in %, last / average.",
-        "",
-        "| strategy | mean held-out | worst held-out | mean in-distribution | worst "
-        "in-distribution | runs |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, s in averaged.items():
-        cells = [f"{pct(s[k])} / {pct(s['average'][k])}" for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['average']['runs']} |")
+        "runs",
+        lambda a: a["runs"],
+    )
     lines += [
         "",
         "## Averaged model against the last round, same runs: UAR points, 95 % CI",
@@ -241,23 +263,15 @@ def _average_lines(summary: dict[str, Any]) -> list[str]:
 
 def _selected_lines(summary: dict[str, Any]) -> list[str]:
     """Last-round against selected-round (best.pt) means, per strategy."""
-    keys = ("mean_heldout_uar", "worst_heldout_uar", "mean_train_uar", "worst_train_uar")
-    lines = [
-        "",
-        "## Last round and selected round (best.pt)",
-        "",
+    return _last_against(
+        summary,
+        "selected",
+        "Last round and selected round (best.pt)",
         "Each run's selected round has the best worst training-source validation UAR; held-out "
         "sources take no part in the choice. UAR in %, last / selected.",
-        "",
-        "| strategy | mean held-out | worst held-out | mean in-distribution | worst "
-        "in-distribution | selected rounds |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, s in summary.items():
-        cells = [f"{pct(s[k])} / {pct(s['selected'][k])}" for k in keys]
-        rounds = ", ".join(str(r) for r in s["selected"]["rounds"])
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rounds} |")
-    return lines
+        "selected rounds",
+        lambda sel: ", ".join(str(r) for r in sel["rounds"]),
+    )
 
 
 def _adapted_lines(heldout: list[str], summary: dict[str, Any]) -> list[str]:
