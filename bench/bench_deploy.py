@@ -1,7 +1,7 @@
 """A deployed round against a simulated one, with where the time, CPU, requests and bytes go.
 
 Usage: ``python -m bench.bench_deploy [--rounds 3] [--model tiny|r3d_18] [--sites 3,1]
-[--warm-worker] [--keep] [overrides...]``
+[--warm-worker] [--memory-db] [--flower-poll] [--keep] [overrides...]``
 
 For `experiment=deploy_tiny` (the held-out source scored by the server in both, so the two runs
 do the same work) and each site count in `--sites` (3: studio, webcam, movie; 1: studio alone,
@@ -10,7 +10,10 @@ which separates what one site costs from the contention of three on one box) it 
 - a deployment: a SuperLink and one SuperNode per source, each in its own network namespace,
   TLS and SuperNode authentication on (testbed/cluster.py), launched with `flwr run . hdf`;
   `--warm-worker` starts each site with its warm worker (`deploy/supernode.sh --warm-worker`,
-  client/worker.py), which then runs the messages the ClientApps forward to it.
+  client/worker.py), which then runs the messages the ClientApps forward to it. The SuperNodes
+  are `hdf-supernode` (deploy/supernode.py), polling by the HDF_SUPERNODE_* environment, which
+  the result records (`supernode_poll`); `--flower-poll` gives them Flower's own fixed waits
+  (3 s idle, 0.5 s for a reply) to measure what the brisker poll saves.
 
 Per round means: from the moment round 0's row appears in the run folder's metrics.jsonl to the
 moment the last row appears, divided by the rounds in between (read from the run folder, never
@@ -46,11 +49,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from deploy.flower_env import apply_flower_env
+from deploy.supernode import ENV_REPLY, ENV_WINDOW, policy_from_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["studio", "webcam", "movie"]
@@ -327,15 +332,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="SuperLink state in memory instead of SQLite (lost when the SuperLink stops)",
     )
+    p.add_argument(
+        "--flower-poll",
+        action="store_true",
+        help="SuperNodes with Flower's fixed waits (3 s idle, 0.5 s for a reply)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the working folder after success")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     apply_flower_env()
+    if args.flower_poll:  # the sites inherit this environment (testbed/cluster.py)
+        os.environ.update({ENV_WINDOW: "0", ENV_REPLY: "0.5"})
     work = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     result: dict[str, Any] = {
         "model": args.model,
         "warm_worker": args.warm_worker,
         "memory_db": args.memory_db,
+        "supernode_poll": asdict(policy_from_env()),
     }
     result.update({"uptime_start": _uptime(), "work_dir": str(work)})
     result.update(model_bytes(["experiment=deploy_tiny", *MODELS[args.model], *args.overrides]))

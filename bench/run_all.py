@@ -383,7 +383,9 @@ def deployment(quick: bool, tmp: Path) -> dict[str, Any]:
     warm worker (`deploy/supernode.sh --warm-worker`); for r3d_18 also with a bf16 wire
     (`warm_worker_bf16`), the fastest setup the deployment scripts give, and that again with
     the SuperLink's state in memory (`warm_worker_bf16_memory_db`: a restarted SuperLink then
-    forgets the registered sites, docs/deploy.md)."""
+    forgets the registered sites, docs/deploy.md). The sites run `hdf-supernode`
+    (`supernode_poll`: its waits); `flower_poll`: deploy_tiny's 3 sites with Flower's fixed
+    SuperNode waits instead, what the brisker poll saves."""
     out: dict[str, Any] = {}
     r3d_rounds = 1 if quick else 2
     for model, rounds, sites in (("tiny", 1 if quick else 3, "3,1"), ("r3d_18", r3d_rounds, "3,1")):
@@ -398,13 +400,16 @@ def deployment(quick: bool, tmp: Path) -> dict[str, Any]:
         entry.update(uptime_start=res["uptime_start"], uptime_end=res["uptime_end"])
         if "sites_1" in res:
             entry["one_site"] = {k: res["sites_1"][k] for k in DEPLOYMENT_KEYS}
-        warm = [("warm_worker", [])]
-        if model == "r3d_18":
+        entry["supernode_poll"] = res["supernode_poll"]
+        variants = [("warm_worker", ["--warm-worker"])]
+        if model == "tiny":  # the same 3 sites with Flower's fixed SuperNode waits
+            variants.append(("flower_poll", ["--flower-poll"]))
+        else:
             bf16 = "server.wire_dtype=bfloat16"
-            warm.append(("warm_worker_bf16", [bf16]))
-            warm.append(("warm_worker_bf16_memory_db", ["--memory-db", bf16]))
-        for key, overrides in warm:
-            res = _last_json(_run([*cmd, "--sites", "3", "--warm-worker", *overrides])["stdout"])
+            variants.append(("warm_worker_bf16", ["--warm-worker", bf16]))
+            variants.append(("warm_worker_bf16_memory_db", ["--warm-worker", "--memory-db", bf16]))
+        for key, flags in variants:
+            res = _last_json(_run([*cmd, "--sites", "3", *flags])["stdout"])
             entry[key] = {k: res["sites_3"][k] for k in DEPLOYMENT_KEYS}
             entry[key].update(uptime_start=res["uptime_start"], uptime_end=res["uptime_end"])
         if model == "tiny":

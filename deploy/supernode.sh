@@ -44,7 +44,7 @@ done
 [[ -f "$CA" ]] || { echo "no CA certificate at $CA: copy ca.crt from the SuperLink operator" >&2; exit 2; }
 [[ "$SOURCE$DATA_ROOT" != *'"'* ]] || { echo "--source and --data-root may not contain double quotes" >&2; exit 2; }
 [[ -d "$VENV/bin" ]] && export PATH="$VENV/bin:$PATH"
-command -v flower-supernode >/dev/null || { echo "flower-supernode not found: install the project (make install) or set VENV" >&2; exit 2; }
+command -v hdf-supernode >/dev/null || { echo "hdf-supernode not found: install the project (make install) or set VENV" >&2; exit 2; }
 mkdir -p "$DATA_ROOT"
 STATE="${STATE:-$DATA_ROOT/.supernode}"
 mkdir -p "$STATE"
@@ -62,7 +62,9 @@ export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0
 export FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE="${FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE:-67108864}"
 # node-config values are TOML: strings must be quoted.
 NODE_CONFIG="source=\"$SOURCE\" data-root=\"$DATA_ROOT\""
-SUPERNODE=(flower-supernode --superlink "$SUPERLINK" --root-certificates "$CA"
+# hdf-supernode is Flower's flower-supernode, its idle poll HDF_SUPERNODE_POLL_S (0.2 s) for
+# HDF_SUPERNODE_POLL_WINDOW_S (60 s) after each message instead of a fixed 3 s (deploy/supernode.py)
+SUPERNODE=(hdf-supernode --superlink "$SUPERLINK" --root-certificates "$CA"
   --auth-supernode-private-key "$KEY" --port "$PORT")
 [[ "$WARM" == 1 ]] || exec "${SUPERNODE[@]}" --node-config "$NODE_CONFIG" "${EXTRA[@]}"
 

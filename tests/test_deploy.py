@@ -348,7 +348,8 @@ def test_only_registered_supernodes_join(tmp_path: Path, monkeypatch) -> None:
 
         def node(key: str | None, name: str, node_port: int) -> subprocess.Popen:
             config = f'source="studio" data-root="{tmp_path / name}"'
-            cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+            # hdf-supernode, as deploy/supernode.sh starts it: Flower's SuperNode, our poll
+            cmd = [str(BIN / "hdf-supernode"), "--superlink", f"127.0.0.1:{port}",
                    "--root-certificates", str(certs / "ca.crt"), "--port", str(node_port),
                    "--node-config", config, "--max-retries", "1"]  # fmt: skip
             if key:

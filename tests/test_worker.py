@@ -616,13 +616,13 @@ exec sleep 600
 
 
 def test_supernode_script_runs_a_worker_beside_the_supernode(tmp_path) -> None:
-    """deploy/supernode.sh --warm-worker (with a stand-in flower-supernode that records its
+    """deploy/supernode.sh --warm-worker (with a stand-in hdf-supernode that records its
     flags): the worker listens on STATE/worker/worker.sock, the SuperNode's node config names
     it, and stopping the script (SIGTERM, as a service manager does) stops both."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "flower-supernode").write_text(FAKE_SUPERNODE)
-    (fake / "flower-supernode").chmod(0o755)
+    (fake / "hdf-supernode").write_text(FAKE_SUPERNODE)
+    (fake / "hdf-supernode").chmod(0o755)
     for name in ("key", "ca.crt"):
         (tmp_path / name).write_text("x")
     state = tmp_path / "state"
