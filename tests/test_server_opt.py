@@ -8,7 +8,7 @@ from flwr.app import ConfigRecord
 
 from hdf.config import compose
 from server.strategy import ServerOptimizer, ServerOptSettings, SourceFedAvg
-from server.strategy.server_opt import adam_step, avgm_step
+from server.strategy.server_opt import adam_step, avgm_step, sign_agreement_mask
 from tests.fedmock import FakeGrid, arrays_record, three_source_strategy, train_reply
 
 X0 = np.array([1.0, 2.0])
@@ -164,3 +164,43 @@ def test_dro_server_lr_moved_to_server_opt() -> None:
         ValueError, match=r"strategy\.dro\.server_lr was replaced by server_opt\.lr"
     ):
         compose(["strategy=dro", "+strategy.dro.server_lr=0.5"])
+
+
+def test_sign_agreement_mask_by_hand() -> None:
+    """x = 0; three sites' models u: the signs per weight sum to (3, 1, -1, 1), so A = (1, 1/3,
+    1/3, 1/3); with mask_tau .5 the mask is (1, 1/3, 1/3, 1/3) and with 1/3 it is all ones. The
+    mix is the mean (4/3, 1/3, -1/3, 4/3); lr 2 steps 2 * mask * mix. Buffers take the mix."""
+    u = [np.array([1.0, 1, -1, 2]), np.array([1.0, -1, -1, 3]), np.array([2.0, 1, 1, -1])]
+    np.testing.assert_allclose(sign_agreement_mask(np.zeros(4), u, 0.5), [1, 1 / 3, 1 / 3, 1 / 3])
+    np.testing.assert_allclose(sign_agreement_mask(np.zeros(4), u, 1 / 3), [1, 1, 1, 1])
+    opt = ServerOptimizer(ServerOptSettings("none", lr=2.0, mask_tau=0.5), buffers=["bn"])
+    assert not ServerOptimizer(ServerOptSettings("none", lr=1.0, mask_tau=0.5)).identity
+    x = {"w": np.zeros(4), "bn": np.zeros(4)}
+    mix = {"w": sum(u) / 3, "bn": sum(u) / 3}
+    new = opt.step(
+        arrays_record(x), arrays_record(mix), [arrays_record({"w": a, "bn": a}) for a in u]
+    )
+    np.testing.assert_allclose(new["w"].numpy(), [8 / 3, 2 / 9, -2 / 9, 8 / 9])
+    np.testing.assert_allclose(new["bn"].numpy(), mix["bn"])
+    with pytest.raises(ValueError, match="mask_tau"):
+        ServerOptSettings(mask_tau=0.0)
+
+
+def test_strategy_hands_its_replies_to_the_mask() -> None:
+    """FedAvg (clips 10, 20, 30) with mask_tau 1: a weight every site moves the same way steps;
+    weight 0 all three move up (mix .4), weight 1 one moves down (A = 1/3; mix .1, step .1/3)."""
+    cfg = compose(["strategy=fedavg"]).strategy
+    opt = ServerOptimizer(ServerOptSettings("none", lr=1.0, mask_tau=1.0))
+    strategy = three_source_strategy(cfg, NAMES, server_opt=opt)
+    x = {"w": np.zeros(2)}
+    list(
+        strategy.configure_train(
+            1, arrays_record(x), ConfigRecord({"lr": 1e-3}), FakeGrid([10, 11, 12])
+        )
+    )
+    moves = {10: [0.3, 0.3], 11: [0.6, 0.3], 12: [0.3, -0.1]}
+    replies = [
+        train_reply(n, {"w": np.array(moves[n])}, source=n - 10, loss_before=1.0) for n in moves
+    ]
+    got = strategy.aggregate_train(1, replies)[0]["w"].numpy()
+    np.testing.assert_allclose(got, [0.4, 0.1 / 3])

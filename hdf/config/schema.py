@@ -318,6 +318,10 @@ class ServerOptConfig:
     beta1: float = 0.9  # adam/yogi first moment
     beta2: float = 0.99  # adam/yogi second moment
     tau: float = 1.0e-3  # adam/yogi: adaptivity floor in lr * m / (sqrt(v) + tau)
+    # Gradient masked averaging (FedGMA, Tenison et al., TMLR 2023): each weight's step is scaled
+    # by how many sites' updates agree on its sign, A = |mean_k sign(u_k - x)| (1 where A >= this
+    # threshold, A below it), so directions only some sources take are damped. null: off.
+    mask_tau: float | None = None
 
 
 @dataclass

@@ -301,7 +301,8 @@ class SourceFedAvg(FedAvg):
             return None
         arrays = self.aggregate_updates(server_round, valid)
         if arrays is not None and self.server_opt is not None and self.current_arrays is not None:
-            arrays = self.server_opt.step(self.current_arrays, arrays)
+            updates = [m.content[K.ARRAYS] for m in valid.messages]
+            arrays = self.server_opt.step(self.current_arrays, arrays, updates)
         if arrays is not None and not math.isfinite(update_norms([arrays], None)[0]):
             self.flag(
                 server_round, None, "the aggregated model holds NaN or Inf: kept the previous model"

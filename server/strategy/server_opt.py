@@ -12,6 +12,12 @@ step with it, x the global model:
 - ``adam``: m = b1 m + (1 - b1) delta; v = b2 v + (1 - b2) delta^2; x + lr * m / (sqrt(v) + tau)
 - ``yogi``: as adam, with v = v - (1 - b2) delta^2 sign(v - delta^2) (FedYogi)
 
+With ``mask_tau`` (gradient masked averaging, Tenison et al., "Gradient Masked Averaging for
+Federated Learning", TMLR 2023) delta is first scaled weight by weight by the sites' sign
+agreement A = |mean_k sign(u_k - x)| over the replies' models u_k: 1 where A >= mask_tau, A
+elsewhere. A direction every site takes keeps its full step; one the sites split on is damped,
+which the paper argues keeps the mechanisms the sources share and drops the ones they do not.
+
 m and v start at 0 and, as in the paper's Algorithm 2, there is no bias correction (Flower's
 FedAdam adds one). Only the weights take the step: BatchNorm running statistics and counters
 (the model's buffers) and any non-float array take the mix as it is. They are estimates of the
@@ -21,7 +27,7 @@ per round whatever its scale, and momentum would carry last round's statistics i
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -50,6 +56,10 @@ class ServerOptSettings(ServerOptConfig):
                 raise ValueError(f"server_opt.{key} must be in [0, 1), got {getattr(self, key)}")
         if not self.tau > 0:
             raise ValueError(f"server_opt.tau must be > 0, got {self.tau}")
+        if self.mask_tau is not None and not 0.0 < self.mask_tau <= 1.0:
+            raise ValueError(
+                f"server_opt.mask_tau must be in (0, 1] (or null: no mask), got {self.mask_tau}"
+            )
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> ServerOptSettings:
@@ -90,6 +100,15 @@ def adam_step(
     return x + lr * m / (np.sqrt(v) + tau), m, v
 
 
+def sign_agreement_mask(x: np.ndarray, updates: Sequence[np.ndarray], tau: float) -> np.ndarray:
+    """FedGMA's soft mask: A = |mean_k sign(u_k - x)|, then 1 where A >= tau and A elsewhere."""
+    votes = np.zeros(x.shape, dtype=np.float64)
+    for u in updates:
+        votes += np.sign(u - x)
+    agreement = np.abs(votes) / len(updates)
+    return np.where(agreement >= tau, 1.0, agreement)
+
+
 class ServerOptimizer:
     """Applies `ServerOptSettings` key by key to (global, mix) ArrayRecords; keeps m and v.
 
@@ -107,10 +126,14 @@ class ServerOptimizer:
     @property
     def identity(self) -> bool:
         """True when the step returns the mix unchanged (FedAvg's server)."""
-        return self.settings.name == "none" and self.settings.lr == 1.0
+        s = self.settings
+        return s.name == "none" and s.lr == 1.0 and s.mask_tau is None
 
-    def step(self, current: ArrayRecord, mixed: ArrayRecord) -> ArrayRecord:
-        """The new global model from the current one and the strategy's mix."""
+    def step(
+        self, current: ArrayRecord, mixed: ArrayRecord, updates: Sequence[ArrayRecord] = ()
+    ) -> ArrayRecord:
+        """The new global model from the current one and the strategy's mix (`updates`: the
+        replies' models, which `mask_tau` reads; without them there is no mask)."""
         if self.identity:
             return mixed
         s = self.settings
@@ -122,6 +145,9 @@ class ServerOptimizer:
                 continue
             x = array_view(current[key])
             delta = new - x
+            if s.mask_tau is not None and updates:
+                votes = [array_view(u[key]) for u in updates]
+                delta = delta * sign_agreement_mask(x, votes, s.mask_tau).astype(x.dtype)
             if s.name == "none":
                 y = x + s.lr * delta
             elif s.name == "avgm":
