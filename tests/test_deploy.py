@@ -113,7 +113,17 @@ def _opt(args: list[str], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
-WORKER_ENTRYPOINT = ["python", "-m", "client.worker"]  # the one entrypoint a service may override
+WORKER_ENTRYPOINT = ["python", "-m", "client.worker"]  # a site's warm worker
+SUPERNODE_ENTRYPOINT = ["hdf-supernode"]  # a site's SuperNode: Flower's, polling briskly
+ENTRYPOINTS = (WORKER_ENTRYPOINT, SUPERNODE_ENTRYPOINT)  # the only ones a service may override
+
+
+def _is_supernode(svc: dict) -> bool:
+    return svc.get("entrypoint") == SUPERNODE_ENTRYPOINT
+
+
+def _is_worker(svc: dict) -> bool:
+    return svc.get("entrypoint") == WORKER_ENTRYPOINT
 
 
 def _worker_args(name: str, svc: dict) -> argparse.Namespace:
@@ -148,7 +158,7 @@ def test_compose_schema_and_images(compose: dict) -> None:
             "profiles", "deploy", "environment", "entrypoint",
         }, name  # fmt: skip
         if "entrypoint" in svc:  # else its command would escape the flag checks below
-            assert svc["entrypoint"] == WORKER_ENTRYPOINT, f"{name}: {svc['entrypoint']}"
+            assert svc["entrypoint"] in ENTRYPOINTS, f"{name}: {svc['entrypoint']}"
         image = svc["image"]
         if image.startswith("flwr/"):
             assert image.split(":")[1] == FLWR_VERSION, f"{name}: {image}"
@@ -174,16 +184,16 @@ def test_compose_schema_and_images(compose: dict) -> None:
 def test_compose_commands_use_flwr_142_flags(compose: dict, tmp_path: Path) -> None:
     binaries = {
         "flwr/superlink": "flower-superlink",
-        "flwr/supernode": "flower-supernode",
         "hdf-fed/superexec": "flower-superexec",  # deploy/Dockerfile's ENTRYPOINT
     }
-    known = {b: _flags(b, tmp_path) for b in binaries.values()}
+    # hdf-supernode's --help is Flower's flower-supernode's, read through our entry point
+    known = {b: _flags(b, tmp_path) for b in [*binaries.values(), "hdf-supernode"]}
     for name, svc in compose["services"].items():
-        if "entrypoint" in svc:  # a warm worker: its flags are client/worker.py's
+        if _is_worker(svc):  # a warm worker: its flags are client/worker.py's
             # --stop-with names a process of this container; the container's stop replaces it
             assert _worker_args(name, svc).stop_with is None, name
             continue
-        binary = binaries[svc["image"].split(":")[0]]
+        binary = "hdf-supernode" if _is_supernode(svc) else binaries[svc["image"].split(":")[0]]
         flags, deprecated = known[binary]
         for arg in _args(svc):
             if arg.startswith("--"):
@@ -213,7 +223,7 @@ def test_compose_federation_is_tls_authenticated_and_one_site_per_source(compose
     sites: dict[str, str] = {}
     for name, svc in services.items():
         args = _args(svc)
-        if svc["image"].startswith("flwr/supernode"):
+        if _is_supernode(svc):
             assert "--insecure" not in args
             assert _opt(args, "--superlink") == f"superlink:{port}"
             assert _opt(args, "--root-certificates") == "certificates/ca.crt"
@@ -250,14 +260,16 @@ def test_compose_every_site_has_its_warm_worker_on_a_shared_volume(compose: dict
 
     services, declared = compose["services"], compose["volumes"]
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
-    workers = {n: _worker_args(n, s) for n, s in services.items() if "entrypoint" in s}
+    workers = {n: _worker_args(n, s) for n, s in services.items() if _is_worker(s)}
     executors = {
-        n: s for n, s in services.items() if s["image"].startswith("hdf-fed/") and n not in workers
+        n: s
+        for n, s in services.items()
+        if s["image"].startswith("hdf-fed/") and "entrypoint" not in s
     }
     socket_volumes: dict[str, str] = {}  # volume -> the SuperNode whose socket it holds
     served: set[str] = set()
     for node, svc in services.items():
-        if not svc["image"].startswith("flwr/supernode"):
+        if not _is_supernode(svc):
             continue
         node_cfg = parse_config_args([_opt(_args(svc), "--node-config")])
         raw = node_cfg.get("worker-socket")
