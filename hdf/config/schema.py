@@ -321,6 +321,7 @@ class ServerOptConfig:
     # Gradient masked averaging (FedGMA, Tenison et al., TMLR 2023): each weight's step is scaled
     # by how many sites' updates agree on its sign, A = |mean_k sign(u_k - x)| (1 where A >= this
     # threshold, A below it), so directions only some sources take are damped. null: off.
+    # Measured at 0.4 (FedAvg 80 x 0.25, 10 pairs): held-out phone +4.7, in-dist. mean -3.3.
     mask_tau: float | None = None
 
 
