@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.flower_env import apply_flower_env
-from deploy.supernode import ENV_REPLY, ENV_WINDOW, policy_from_env
+from deploy.supernode import ENV_REPLY, ENV_WINDOW, FLOWER_REPLY_SLEEP_S, policy_from_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["studio", "webcam", "movie"]
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     apply_flower_env()
     if args.flower_poll:  # the sites inherit this environment (testbed/cluster.py)
-        os.environ.update({ENV_WINDOW: "0", ENV_REPLY: "0.5"})
+        os.environ.update({ENV_WINDOW: "0", ENV_REPLY: str(FLOWER_REPLY_SLEEP_S)})
     work = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     result: dict[str, Any] = {
         "model": args.model,
