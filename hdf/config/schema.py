@@ -36,6 +36,7 @@ class ModelConfig:
     width: int = 16  # first-stage channels (fixed-width torchvision backbones ignore it)
     norm: str = "batch"  # batch | group (GroupNorm keeps no running statistics to average)
     dropout: float = 0.1  # before the linear head
+    dsu: float = 0.0  # DSU feature-statistics resampling in training: probability (paper: 0.5)
     channels_last: bool = False  # channels-last-3D weights and inputs (a GPU speed-up)
     weights: str | None = None  # local state_dict file (whole HDFNet or backbone); never downloaded
     dam: DAMConfig = field(default_factory=DAMConfig)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hdf.config.schema import ModelConfig
+from hdf.models.dsu import FeatureStatsNoise
 from hdf.models.registry import get_backbone_builder
 
 # Normalisation layers: FedBN keeps them local, TENT (hdf/adapt.py) adapts their affine parameters.
@@ -54,6 +55,8 @@ class HDFNet(nn.Module):
         dropout: dropout before the head.
         channels_last: keep 5-D weights and inputs in channels-last-3D memory format.
         backbone_name: registry name, used in error messages.
+        dsu: probability of DSU's feature-statistics resampling after the stem and every stage
+            but the last (``hdf/models/dsu.py``); 0 is off.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class HDFNet(nn.Module):
         dropout: float = 0.0,
         channels_last: bool = False,
         backbone_name: str = "",
+        dsu: float = 0.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -120,6 +124,7 @@ class HDFNet(nn.Module):
                 if on:
                     self.dam[name] = DAM(ch, t, temporal=dam_temporal, frequency=dam_frequency)
 
+        self.dsu = FeatureStatsNoise(dsu)  # no parameters: the state dict is unchanged
         self.pool = nn.AdaptiveAvgPool3d(1)
         self.dropout = nn.Dropout(float(dropout))
         self.head = nn.Linear(self.feature_dim, self.num_classes)
@@ -181,9 +186,12 @@ class HDFNet(nn.Module):
                 f"this HDFNet was built for T={self.num_frames} frames (DAM is sized per T), got "
                 f"T={x.shape[2]}; sample clips with data.num_frames={self.num_frames} or rebuild"
             )
-        x = self.backbone.stem(x)
+        x = self.dsu(self.backbone.stem(x))
+        last = self.stage_names[-1]
         for name, stage in backbone_stages(self.backbone):
             x = stage(x)
+            if name != last:
+                x = self.dsu(x)
             if name in self.dam:
                 x = self.dam[name](x)
             if keep is not None:
@@ -278,4 +286,5 @@ def _build(settings: ModelConfig, num_frames: int, size: int, num_classes: int) 
         dropout=settings.dropout,
         channels_last=settings.channels_last,
         backbone_name=settings.backbone,
+        dsu=settings.dsu,
     )
