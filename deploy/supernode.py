@@ -11,6 +11,11 @@ SuperNode with the loop module's `time` replaced by `PollClock`, which shortens 
   always did and a site in the middle of a run answers within `fast_s`;
 - the wait for the ClientApp's reply, a check of the SuperNode's own in-memory state, is
   `reply_s`.
+It also closes a race: Flower creates the ClientApp's task before it pulls the message's arrays,
+so a ClientApp that starts quickly (the warm worker's thin shim does) asks for arrays that are
+still arriving and backs off 1 s, then 2 s, 4 s... (`flwr/supercore/inflatable/`).
+`ArrivalGate` holds that ClientApp's request for its message until the pull has finished, at most
+`MAX_HOLD_S`, and logs each hold, so the ClientApp's first try at every array succeeds.
 Every other call passes through to the `time` module. Environment (seconds, positive):
 HDF_SUPERNODE_POLL_S (0.2), HDF_SUPERNODE_POLL_WINDOW_S (60; 0 keeps Flower's 3 s idle poll),
 HDF_SUPERNODE_REPLY_POLL_S (0.05). tests/test_supernode_poll.py holds the Flower module to the
@@ -19,11 +24,14 @@ shape this relies on, so a Flower upgrade that changes it fails there, not at a 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -33,6 +41,10 @@ FLOWER_REPLY_SLEEP_S = 0.5  # its `time.sleep(0.5)` while the ClientApp's reply 
 ENV_FAST = "HDF_SUPERNODE_POLL_S"
 ENV_WINDOW = "HDF_SUPERNODE_POLL_WINDOW_S"
 ENV_REPLY = "HDF_SUPERNODE_REPLY_POLL_S"
+# Longest hold of a ClientApp's message request: under Flower's 30 s HTTP timeout
+# (flwr/supercore/protobuf/client.py), after which its own backoff takes over as before.
+MAX_HOLD_S = 20.0
+LOG = logging.getLogger("flwr")
 
 
 @dataclass(frozen=True)
@@ -104,18 +116,68 @@ class PollClock:
         return getattr(time, name)
 
 
-def install(module: ModuleType, clock: PollClock) -> None:
-    """Put `clock` into Flower's loop module `module` as its `time`; note every pulled message."""
+class ArrivalGate:
+    """Lets a ClientApp's message request through only when no message is being pulled.
+
+    The SuperNode loop handles one message at a time (pull, then wait for the reply, then push),
+    so "no pull in progress" means the message the ClientApp asks for has all its arrays.
+    """
+
+    def __init__(self, max_hold_s: float = MAX_HOLD_S) -> None:
+        self.max_hold_s = max_hold_s
+        self._cond = threading.Condition()
+        self._pulling = 0
+
+    @contextmanager
+    def pulling(self) -> Iterator[None]:
+        """Around the loop's pull of a message and its arrays."""
+        with self._cond:
+            self._pulling += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._pulling -= 1
+                self._cond.notify_all()
+
+    def wait(self) -> float:
+        """Block until no pull is in progress (at most `max_hold_s`); the seconds held."""
+        start = time.monotonic()
+        with self._cond:
+            self._cond.wait_for(lambda: self._pulling == 0, timeout=self.max_hold_s)
+        return time.monotonic() - start
+
+
+def install(
+    module: ModuleType, clock: PollClock, gate: ArrivalGate, handlers: ModuleType | None = None
+) -> None:
+    """Put `clock` into Flower's loop module `module` as its `time`; note every pulled message.
+
+    With `handlers` (the SuperNode's runtime API handlers module, which its HTTP app looks up at
+    each request), a ClientApp's message request waits at `gate` for the pull to finish.
+    """
     pull = module._pull_and_store_message
 
     def pull_and_note(*args: Any, **kwargs: Any) -> int | None:
-        run_id = pull(*args, **kwargs)
+        with gate.pulling():
+            run_id = pull(*args, **kwargs)
         if run_id is not None:
             clock.message_pulled()
         return run_id
 
     module.time = clock
     module._pull_and_store_message = pull_and_note
+    if handlers is None:
+        return
+    pull_messages = handlers.pull_messages
+
+    def pull_messages_when_arrived(*args: Any, **kwargs: Any) -> Any:
+        held = gate.wait()
+        if held >= 0.01:
+            LOG.info("hdf-supernode: held the ClientApp's request %.2f s for its arrays", held)
+        return pull_messages(*args, **kwargs)
+
+    handlers.pull_messages = pull_messages_when_arrived
 
 
 def main() -> None:
@@ -126,12 +188,23 @@ def main() -> None:
         sys.exit(f"hdf-supernode: {err}")
     from flwr.supernode import start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
+    from flwr.supernode.servicer.runtime import runtime_handlers
 
+    handlers = (
+        runtime_handlers if callable(getattr(runtime_handlers, "pull_messages", None)) else None
+    )
+    # Not the Flower this was written for: its own waits and backoff, and say so.
     if callable(getattr(loop, "_pull_and_store_message", None)) and hasattr(loop, "time"):
-        install(loop, PollClock(policy))
-    else:  # not the Flower this was written for: its own waits, and say so
+        install(loop, PollClock(policy), ArrivalGate(), handlers)
+    else:
         print(
             "hdf-supernode: Flower's SuperNode loop has changed; polling as Flower does",
+            file=sys.stderr,
+        )
+    if handlers is None:
+        print(
+            "hdf-supernode: Flower's runtime handlers have changed; a ClientApp asking for its "
+            "message early backs off as Flower does",
             file=sys.stderr,
         )
     sys.argv[0] = "flower-supernode"  # Flower's argparse names itself after argv[0]
