@@ -15,7 +15,9 @@ It also closes a race: Flower creates the ClientApp's task before it pulls the m
 so a ClientApp that starts quickly (the warm worker's thin shim does) asks for arrays that are
 still arriving and backs off 1 s, then 2 s, 4 s... (`flwr/supercore/inflatable/`).
 `ArrivalGate` holds that ClientApp's request for its message until the pull has finished, at most
-`MAX_HOLD_S`, and logs each hold, so the ClientApp's first try at every array succeeds.
+`MAX_HOLD_S`, and logs each hold, so the ClientApp's first try at every array succeeds. And the
+SuperNode's own pull of a message the ServerApp is still uploading retries briskly
+(`server.exchange.brisk_object_pulls`), not after Flower's 1 s, 2 s, 4 s.
 Every other call passes through to the `time` module. Environment (seconds, positive):
 HDF_SUPERNODE_POLL_S (0.2), HDF_SUPERNODE_POLL_WINDOW_S (60; 0 keeps Flower's 3 s idle poll),
 HDF_SUPERNODE_REPLY_POLL_S (0.05). tests/test_supernode_poll.py holds the Flower module to the
@@ -35,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
+
+from server.exchange import brisk_object_pulls
 
 FLOWER_IDLE_SLEEP_S = 3  # the loop's `time.sleep(3)` when no message was pulled
 FLOWER_REPLY_SLEEP_S = 0.5  # its `time.sleep(0.5)` while the ClientApp's reply is not there yet
@@ -167,6 +171,7 @@ def install(
 
     module.time = clock
     module._pull_and_store_message = pull_and_note
+    brisk_object_pulls(module)
     if handlers is None:
         return
     pull_messages = handlers.pull_messages

@@ -110,6 +110,7 @@ def test_installed_clock_drives_flowers_own_loop(monkeypatch) -> None:
     monkeypatch.setattr(loop, "_push_messages", lambda **_: None)
     monkeypatch.setattr(loop, "register_signal_handlers", lambda **_: None)
     monkeypatch.setattr(loop, "time", loop.time)  # undone after the test, as install's changes
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
     clock = PollClock(PollPolicy(fast_s=0.25, window_s=1.0), t.monotonic, t.sleep)
     install(loop, clock, ArrivalGate())
     state = SimpleNamespace(set_node_id=lambda _: None)
@@ -162,7 +163,7 @@ def test_clientapp_asking_early_gets_its_message_once_every_array_arrived(
         release.wait(5)
         return objects[object_id]
 
-    for name in ("_pull_and_store_message", "time"):  # undone after the test, as install's
+    for name in ("_pull_and_store_message", "time", "pull_objects"):  # undone after the test
         monkeypatch.setattr(loop, name, getattr(loop, name))
     monkeypatch.setattr(runtime_handlers, "pull_messages", runtime_handlers.pull_messages)
     if gated:
@@ -192,6 +193,7 @@ def test_clientapp_asking_early_gets_its_message_once_every_array_arrived(
     pulling.join(5)
     assert len(ids) == len(objects) == 7
     assert available == [gated] * len(ids)
+    assert getattr(loop.pull_objects, "brisk", False) == gated  # its own pulls retry briskly
     held = [r.getMessage() for r in caplog.records if "held the ClientApp" in r.getMessage()]
     assert len(held) == int(gated)
     if gated:
