@@ -113,3 +113,13 @@ def test_flower_pulls_a_reply_and_a_sites_message_with_its_default_backoff() -> 
     ):
         assert "pull_objects(" in source and "backoff" not in source
     assert inflatable_utils.PULL_INITIAL_BACKOFF == 1
+
+
+def test_an_exchange_makes_its_grids_object_pulls_brisk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`send_and_receive` installs the brisk pulls for the module its grid comes from (the
+    deployed `HttpGrid`'s); a grid module without `pull_objects` (simulation) is left alone."""
+    module = importlib.import_module(_Grid.__module__)
+    monkeypatch.setattr(module, "pull_objects", lambda *a, **kw: kw, raising=False)
+    send_and_receive(_Grid([1]), ["a"], timeout=60, poll_s=0.0)
+    assert getattr(module.pull_objects, "brisk", False)
+    assert module.pull_objects([])["initial_backoff"] == 0.05
