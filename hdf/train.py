@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from hdf.config.schema import RunConfig
+from hdf.data.source import ConcatClipDataset, PartBatchSampler
 from hdf.device import autocast_context, autocast_dtype
 from hdf.evaluate import predict
 from hdf.host_memory import keep_freed_memory
@@ -162,15 +163,19 @@ def train_local(
     rho = cfg.sam.rho if cfg.sam.enabled else 0.0
 
     gen = torch.Generator().manual_seed(int(seed))
-    loader = DataLoader(
-        dataset,
-        batch_size=train.batch_size,
-        shuffle=True,
-        generator=gen,
-        num_workers=train.num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=False,
-    )
+    common = {"num_workers": train.num_workers, "pin_memory": device.type == "cuda"}
+    if train.source_batches and isinstance(dataset, ConcatClipDataset):
+        batches = PartBatchSampler(dataset, train.batch_size, gen)
+        loader = DataLoader(dataset, batch_sampler=batches, **common)
+    else:
+        loader = DataLoader(
+            dataset,
+            batch_size=train.batch_size,
+            shuffle=True,
+            generator=gen,
+            drop_last=False,
+            **common,
+        )
     steps_total = max(1, round(epochs * len(loader)))
     passes = math.ceil(steps_total / len(loader))
     base = build_optimizer(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hdf.config.schema import DSMConfig, RunConfig, SAMConfig, Tiny3DModel, TrainConfig
-from hdf.data.source import TensorClipDataset
+from hdf.data.source import ConcatClipDataset, PartBatchSampler, TensorClipDataset
 from hdf.losses.dsm import DSMLoss
 from hdf.optim.sam import SAM
 from hdf.train import augment_batch, loss_on_sample, train_local
@@ -370,3 +370,48 @@ def test_fixed_norm_trains_as_the_eval_mode_formula_and_keeps_the_statistics() -
         assert torch.allclose(got, want, atol=1e-5), name
         assert not torch.allclose(got, free.get_parameter(name), atol=1e-3), name
     assert torch.allclose(model.norm.weight, hand.norm.weight, atol=1e-5)
+
+
+def _parts(sizes: tuple[int, ...] = (5, 7, 3)) -> ConcatClipDataset:
+    """Part k's clips are all the value 40 * k + 10, so a batch's pixels name its parts."""
+    parts = []
+    for k, n in enumerate(sizes):
+        clips = torch.full((n, 2, 3, 8, 8), 40 * k + 10, dtype=torch.uint8)
+        parts.append(TensorClipDataset(clips, (torch.arange(n) % 3).numpy(), source_index=k))
+    return ConcatClipDataset(parts)
+
+
+def test_part_batches_hold_one_part_each_and_cover_every_clip_once_a_pass() -> None:
+    """Parts of 5, 7 and 3 clips at batch 4: 2 + 2 + 1 = 5 batches, not ceil(15 / 4) = 4."""
+    data = _parts()
+    sampler = PartBatchSampler(data, 4, torch.Generator().manual_seed(0))
+    assert len(sampler) == 5
+    batches = list(sampler)
+    assert len(batches) == 5
+    assert sorted(i for b in batches for i in b) == list(range(15))
+    bounds = data.offsets
+    for b in batches:
+        assert len({int(np.searchsorted(bounds, i, side="right")) - 1 for i in b}) == 1, b
+    assert sorted(len(b) for b in batches) == [1, 3, 3, 4, 4]
+    again = list(PartBatchSampler(data, 4, torch.Generator().manual_seed(0)))
+    other = list(PartBatchSampler(data, 4, torch.Generator().manual_seed(1)))
+    assert again == batches and other != batches
+    assert list(sampler) != batches  # the next pass, a fresh order from the same generator
+
+
+@pytest.mark.parametrize("source_batches", [False, True])
+def test_train_local_batches_pooled_data_by_source_only_when_asked(source_batches: bool) -> None:
+    seen: list[set[int]] = []
+
+    class Watching(StandIn):
+        def preprocess(self, clips: torch.Tensor) -> torch.Tensor:
+            seen.append(set(clips[:, 0, 0, 0, 0].tolist()))
+            return super().preprocess(clips)
+
+    cfg = _cfg()
+    cfg.train.batch_size = 4
+    cfg.train.source_batches = source_batches
+    stats = train_local(Watching(), _parts(), cfg, CPU, epochs=3, lr=1e-2, seed=0)
+    assert stats["steps"] == len(seen) == (15 if source_batches else 12)
+    mixed = sum(len(values) > 1 for values in seen)
+    assert mixed == 0 if source_batches else mixed > 0

@@ -284,6 +284,10 @@ class TrainConfig:
     # and leaves them as received; null: batch statistics throughout. Aimed at the held-out gap
     # of the model as sent; measured no gain here at 0.5 (README, Results), so off by default.
     fixed_norm_after: float | None = None
+    # Pooled baseline (and a site pooling several data sets): each batch holds one source's clips,
+    # as a federated site's always do, instead of a mix. A control: it measures what mixing sources
+    # in a batch (BatchNorm statistics, DSM's cross-source positives) is worth to the pooled model.
+    source_batches: bool = False
     loss_before_clips: int = 64  # fixed sample of training clips scored before training (DRO)
     num_workers: int = 0  # data-loader worker processes (0 = in process)
     augment: bool = True  # random horizontal flip and crop jitter in training

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from hdf.config.tree import group_node
 from hdf.registry import Registry
@@ -76,6 +76,37 @@ class ConcatClipDataset(ClipDataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         k = int(np.searchsorted(self.offsets, i, side="right")) - 1
         return self.parts[k][i - int(self.offsets[k])]
+
+
+class PartBatchSampler(Sampler[list[int]]):
+    """Batches of a `ConcatClipDataset` that each hold one part's clips, in a random order.
+
+    A federated site's batches come from its one source; the pooled baseline's mix sources, so
+    its BatchNorm statistics and DSM's contrastive positives span sources. Batching the pooled
+    data by source (`train.source_batches`) isolates what that mixing buys. A pass has
+    sum(ceil(n_k / batch_size)) batches, a few more than mixed batching's ceil(n / batch_size).
+    """
+
+    def __init__(self, data: ConcatClipDataset, batch_size: int, generator: torch.Generator):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.offsets = [int(o) for o in data.offsets]
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        sizes = np.diff(self.offsets)
+        return int(sum(-(-int(n) // self.batch_size) for n in sizes))
+
+    def __iter__(self):
+        batches: list[list[int]] = []
+        for start, end in zip(self.offsets[:-1], self.offsets[1:], strict=True):
+            order = (torch.randperm(end - start, generator=self.generator) + start).tolist()
+            batches += [
+                order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)
+            ]
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i]
 
 
 class SourceSet(ABC):
