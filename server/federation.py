@@ -36,8 +36,14 @@ from server.arrays import WireFormat
 from server.exchange import send_and_receive
 from server.heldout import HeldoutEvaluator
 from server.identity import SourceBinding, load_registry
-from server.strategy import ServerOptimizer, ServerOptSettings, SourceFedAvg, build_strategy
-from server.strategy.rounds import Rejection
+from server.strategy import (
+    ServerOptimizer,
+    ServerOptSettings,
+    SourceFedAvg,
+    SourceSequential,
+    build_strategy,
+)
+from server.strategy.rounds import Rejection, TrainRound
 from server.validation import query_reply
 
 log = logging.getLogger(__name__)
@@ -186,16 +192,15 @@ class Federation:
             )
         nodes, refused_claims, _ = self._bind(claims)
         sizes = {v["source"]: v["clips"] for v in nodes.values() if not v["heldout"]}
+        buffers = [name for name, _ in model.named_buffers()]  # statistics, not weights
         self.strategy: SourceFedAvg = build_strategy(
             cfg.strategy,
             train_sources=[s.index for s in self.train_sources],
             source_names=self.names,
             seed=int(cfg.seed),
             source_sizes=sizes,
-            server_opt=ServerOptimizer(
-                ServerOptSettings.from_config(cfg.server_opt),
-                buffers=[name for name, _ in model.named_buffers()],
-            ),
+            server_opt=ServerOptimizer(ServerOptSettings.from_config(cfg.server_opt), buffers),
+            buffers=buffers,
             loss_tolerance=float(cfg.server.loss_tolerance),
             wire=wire,
         )
@@ -412,20 +417,15 @@ class Federation:
         self.train_config[K.LR] = lr_of_round(self.cfg.train, server_round, int(self.cfg.rounds))
         fixed = fixed_norm_in_round(self.cfg.train, server_round, int(self.cfg.rounds))
         self.train_config[K.FIXED_NORM] = int(fixed)
-        msgs = list(
-            self.strategy.configure_train(server_round, self.arrays, self.train_config, self.grid)
-        )
-        folded = self._fold_evaluation(msgs) if self.pending is not None else None
-        if self.pending is not None and folded is None:  # not foldable: evaluate on its own
-            self.finish(self.pending, self.evaluate(self.pending["round"]))
-        sent = msgs + (folded[0] if folded else [])
-        replies = self.exchange(sent)
-        train_replies = [m for m in replies if m.metadata.message_type == MessageType.TRAIN]
-        if folded is not None and self.pending is not None:
-            evals = [m for m in replies if m.metadata.message_type == MessageType.EVALUATE]
-            evals += [evaluation_of(m) for m in train_replies]
-            self.finish(self.pending, self.scores(self.pending["round"], evals, folded[1]))
-        trained = self.strategy.train_round(server_round, train_replies)
+        if isinstance(self.strategy, SourceSequential):
+            # each site after the first trains another model than the one pending evaluation
+            if self.pending is not None:
+                self.finish(self.pending, self.evaluate(self.pending["round"]))
+            trained, num_sent, num_replied = self.strategy.train_in_sequence(
+                server_round, self.arrays, self.train_config, self.grid, self.exchange
+            )
+        else:
+            trained, num_sent, num_replied = self.train_together(server_round)
         kept = trained.arrays is None
         if trained.arrays is not None:
             self.arrays = trained.arrays
@@ -441,13 +441,31 @@ class Federation:
         return {
             "round": server_round,
             "clients": reports,
-            "sent": len(msgs),
-            "replied": len(train_replies),
+            "sent": num_sent,
+            "replied": num_replied,
             "rejected": [r.row() for r in (*refusals, *trained.rejected)],
             "flagged": [f.row() for f in trained.flagged],
             "kept_previous_model": kept,
             "seconds": time.monotonic() - t0,
         }
+
+    def train_together(self, server_round: int) -> tuple[TrainRound, int, int]:
+        """(the round's result, train messages sent, train replies): every sampled site trains
+        the current model in one exchange, which also carries the pending evaluation when it
+        can (`_fold_evaluation`)."""
+        msgs = list(
+            self.strategy.configure_train(server_round, self.arrays, self.train_config, self.grid)
+        )
+        folded = self._fold_evaluation(msgs) if self.pending is not None else None
+        if self.pending is not None and folded is None:  # not foldable: evaluate on its own
+            self.finish(self.pending, self.evaluate(self.pending["round"]))
+        replies = self.exchange(msgs + (folded[0] if folded else []))
+        train_replies = [m for m in replies if m.metadata.message_type == MessageType.TRAIN]
+        if folded is not None and self.pending is not None:
+            evals = [m for m in replies if m.metadata.message_type == MessageType.EVALUATE]
+            evals += [evaluation_of(m) for m in train_replies]
+            self.finish(self.pending, self.scores(self.pending["round"], evals, folded[1]))
+        return self.strategy.train_round(server_round, train_replies), len(msgs), len(train_replies)
 
     def _fold_evaluation(self, train_msgs: list[Message]) -> tuple[list[Message], Any] | None:
         """(evaluate messages for the sites that do not train, the server's held-out scoring)

@@ -388,7 +388,7 @@ def write_report(sweep: Sweep) -> Path:
         lines += ["![held-out UAR over rounds](heldout_uar.png)", ""]
     for strategy in sweep.strategies:
         run = _first_done(sweep, strategy)
-        no_lambda = (CENTRALIZED, "fedavg", "fedprox", "fedbn", "local")
+        no_lambda = (CENTRALIZED, "fedavg", "fedprox", "fedbn", "local", "sequential")
         if run is None or _strategy_of(strategy) in no_lambda:
             continue
         png = f"lambda_{strategy}.png"

@@ -135,6 +135,33 @@ def test_one_exchange_per_round_gives_the_same_rows_and_model(tmp_path, monkeypa
 
 
 @pytest.mark.slow
+def test_sequential_rounds_visit_one_site_per_exchange(tmp_path, monkeypatch) -> None:
+    """strategy=sequential: each round's sites train one after another, one message per
+    exchange and each to another site; the round's evaluation takes an exchange of its own
+    (3 messages: the held-out source is scored on the server), and the rows keep the contract."""
+    from server.federation import Federation
+
+    exchange = Federation.exchange
+    sent: list[list[int]] = []
+
+    def counted(self, msgs):
+        sent.append([m.metadata.dst_node_id for m in msgs])
+        return exchange(self, msgs)
+
+    monkeypatch.setattr(Federation, "exchange", counted)
+    cfg = _cfg(tmp_path, "strategy=sequential")
+    run = open_run(cfg)
+    simulate(cfg, run)
+    assert [len(m) for m in sent] == [3, 1, 1, 1, 3, 1, 1, 1, 3]
+    for visits in (sent[1:4], sent[5:8]):
+        assert sorted(n for (n,) in visits) == sorted(sent[0])
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["sent"] == r["replied"] == 3 and not r["rejected"] for r in rows[1:])
+    assert set(rows[-1]["clients"]) == {"studio", "webcam", "cctv"}
+
+
+@pytest.mark.slow
 def test_two_deterministic_runs_write_the_same_bits(tmp_path) -> None:
     """Two runs of one config from scratch, each generating its own data, write the same
     metrics.jsonl lines (apart from `seconds`) and the same final model, wherever Ray runs the

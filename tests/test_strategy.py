@@ -752,3 +752,110 @@ def test_fedbn_client_keeps_its_norm_layers_across_rounds() -> None:
     restore_local_norm(model, silo)
     assert torch.all(model[1].running_mean == 3.0) and torch.all(model[1].running_var == 7.0)
     assert torch.all(model[1].weight == 0.0) and torch.all(model[2].weight == 0.0)
+
+
+# ---- sequential FL: one site after another ---------------------------------------------------
+def _visits(deltas: dict[int, float], bad: frozenset[int] = frozenset()):
+    """An exchange whose site n adds deltas[n] to the "w" it receives and reports its buffer
+    "mean" as 10 * n; a node in `bad` answers with a NaN model. Records (node, w received)."""
+    seen: list[tuple[int, np.ndarray]] = []
+
+    def exchange(msgs: list[Message]) -> list[Message]:
+        out = []
+        for m in msgs:
+            node = m.metadata.dst_node_id
+            w = _sent_w(m)
+            seen.append((node, w.copy()))
+            new = np.full_like(w, np.nan) if node in bad else w + deltas[node]
+            arrays = {"w": new, "mean": np.full(2, 10.0 * node, np.float32)}
+            out.append(train_reply(node, arrays, source=node - 10))
+        return out
+
+    return exchange, seen
+
+
+SEQ_GLOBAL = {"w": np.zeros((2, 2), np.float32), "mean": np.zeros(2, np.float32)}
+
+
+def _sequential(sizes=(10, 20, 30), **kw):
+    from server.strategy import SourceSequential
+
+    s = SourceSequential(
+        train_sources=[0, 1, 2], source_names=NAMES, seed=3, buffers=["mean"], **kw
+    )
+    for node, src in [(10, 0), (11, 1), (12, 2)]:
+        s.register_node(node, src, heldout=False, clips=sizes[src])
+    return s
+
+
+def test_sequential_sites_train_the_model_the_previous_site_returned() -> None:
+    """Deltas 1, 2, 4: each site receives the sum of the deltas before it in the round's order,
+    the round ends at 7 (FedAvg's mix would be (10 + 40 + 120) / 60), and the buffer is the
+    clip-weighted mean of what the sites reported: (100 * 10 + 110 * 20 + 120 * 30) / 60."""
+    s = _sequential()
+    exchange, seen = _visits({10: 1.0, 11: 2.0, 12: 4.0})
+    result, sent, replied = s.train_in_sequence(
+        1, arrays_record(SEQ_GLOBAL), ConfigRecord({}), FakeGrid([10, 11, 12]), exchange
+    )
+    order = [n for n, _ in seen]
+    assert sorted(order) == [10, 11, 12] and (sent, replied) == (3, 3)
+    assert order == s.visit_order(1, [10, 11, 12])
+    before = 0.0
+    for node, w in seen:
+        np.testing.assert_array_equal(w, np.full((2, 2), before))
+        before += {10: 1.0, 11: 2.0, 12: 4.0}[node]
+    np.testing.assert_array_equal(result.arrays["w"].numpy(), np.full((2, 2), 7.0))
+    np.testing.assert_allclose(result.arrays["mean"].numpy(), np.full(2, 6800 / 60), rtol=1e-6)
+    assert set(result.by_source) == {0, 1, 2} and result.rejected == ()
+    assert s.weights_by_source() == pytest.approx({0: 1 / 6, 1: 2 / 6, 2: 3 / 6})
+    assert s.current_arrays["w"].numpy().max() == 0.0  # the round's start model again
+
+
+def test_sequential_order_is_fresh_each_round_and_fixed_by_seed_and_round() -> None:
+    s, t = _sequential(), _sequential()
+    nodes = list(range(10, 18))
+    orders = [tuple(s.visit_order(r, nodes)) for r in range(1, 7)]
+    assert all(sorted(o) == nodes for o in orders) and len(set(orders)) > 1
+    assert orders == [tuple(t.visit_order(r, nodes)) for r in range(1, 7)]
+
+
+def test_sequential_skips_a_refused_reply_and_the_next_site_gets_the_model_before_it() -> None:
+    """Node 11 answers NaN: it is refused, the site after it receives what 11 was sent, and the
+    round ends at 1 + 4."""
+    s = _sequential()
+    deltas = {10: 1.0, 11: 2.0, 12: 4.0}
+    exchange, seen = _visits(deltas, bad=frozenset({11}))
+    result, _, replied = s.train_in_sequence(
+        1, arrays_record(SEQ_GLOBAL), ConfigRecord({}), FakeGrid([10, 11, 12]), exchange
+    )
+    assert replied == 3 and [r.node for r in result.rejected] == [11]
+    total = 0.0
+    for node, w in seen:
+        np.testing.assert_array_equal(w, np.full((2, 2), total))
+        total += 0.0 if node == 11 else deltas[node]
+    np.testing.assert_array_equal(result.arrays["w"].numpy(), np.full((2, 2), 5.0))
+    assert set(result.by_source) == {0, 2}
+
+
+def test_sequential_server_step_is_taken_once_from_the_round_start() -> None:
+    """A server lr of 2 doubles the round's whole move (0 -> 7 gives 14), not each visit's, and
+    leaves the averaged buffer as it is."""
+    from server.strategy import ServerOptimizer, ServerOptSettings
+
+    opt = ServerOptimizer(ServerOptSettings(name="none", lr=2.0), buffers=["mean"])
+    s = _sequential(server_opt=opt)
+    exchange, _ = _visits({10: 1.0, 11: 2.0, 12: 4.0})
+    result, _, _ = s.train_in_sequence(
+        1, arrays_record(SEQ_GLOBAL), ConfigRecord({}), FakeGrid([10, 11, 12]), exchange
+    )
+    np.testing.assert_array_equal(result.arrays["w"].numpy(), np.full((2, 2), 14.0))
+    np.testing.assert_allclose(result.arrays["mean"].numpy(), np.full(2, 6800 / 60), rtol=1e-6)
+
+
+def test_sequential_keeps_the_previous_model_with_too_few_accepted_visits() -> None:
+    s = _sequential(min_train_replies=3)
+    exchange, _ = _visits({10: 1.0, 11: 2.0, 12: 4.0}, bad=frozenset({12}))
+    result, _, _ = s.train_in_sequence(
+        1, arrays_record(SEQ_GLOBAL), ConfigRecord({}), FakeGrid([10, 11, 12]), exchange
+    )
+    assert result.arrays is None and result.summary is None

@@ -246,6 +246,7 @@ STRATEGY_KINDS: dict[str, type[StrategyConfig]] = {
     "fedavg": StrategyConfig,
     "fedprox": StrategyConfig,
     "fedbn": StrategyConfig,
+    "sequential": StrategyConfig,
     "local": StrategyConfig,
     "dro": DROStrategy,
     "qfedavg": QFedAvgStrategy,

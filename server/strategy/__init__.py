@@ -14,6 +14,7 @@ from server.strategy.dro_math import DRO_MODES, DROSettings
 from server.strategy.feddg_ga import FedDGGA
 from server.strategy.local import LocalOnly
 from server.strategy.qfedavg import QFedAvg
+from server.strategy.sequential import SourceSequential
 from server.strategy.server_opt import ServerOptimizer, ServerOptSettings
 
 StrategyBuilder = Callable[..., SourceFedAvg]
@@ -34,6 +35,7 @@ def build_strategy(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
 def _source_fedavg_kwargs(cfg: Mapping[str, Any], common: dict[str, Any]) -> dict[str, Any]:
     common = dict(common)
     common.pop("source_sizes", None)
+    common.pop("buffers", None)  # the model's buffer keys: only strategies that need them
     return {
         "fraction_train": float(cfg["fraction_train"]),
         "min_train_replies": int(cfg["min_train_replies"]),
@@ -102,6 +104,12 @@ def _fedbn(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
     return SourceFedAvg(**{**_source_fedavg_kwargs(cfg, common), "local_norm": "all"})
 
 
+@register_strategy("sequential")
+def _sequential(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
+    """Sites train one after another on the model the previous one returned."""
+    return SourceSequential(buffers=common.get("buffers", ()), **_source_fedavg_kwargs(cfg, common))
+
+
 @register_strategy("local")
 def _local(cfg: Mapping[str, Any], **common: Any) -> SourceFedAvg:
     return LocalOnly(**_source_fedavg_kwargs(cfg, common))
@@ -117,6 +125,7 @@ __all__ = [
     "ServerOptSettings",
     "ServerOptimizer",
     "SourceFedAvg",
+    "SourceSequential",
     "build_strategy",
     "list_strategies",
     "register_strategy",

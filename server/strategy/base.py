@@ -257,6 +257,18 @@ class SourceFedAvg(FedAvg):
     def train_round(self, server_round: int, replies: Iterable[Message]) -> TrainRound:
         """Check the train replies, mix the valid ones and step the server optimiser."""
         self._refusals()  # nothing logged before this aggregation belongs to it
+        valid, by_source, update_norm = self.accepted_updates(server_round, replies)
+        arrays = self._mix(server_round, valid)
+        rejected, flagged = self._refusals()
+        summary = self.train_summary(by_source) if arrays is not None else None
+        return TrainRound(arrays, by_source, update_norm, rejected, flagged, summary)
+
+    def accepted_updates(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[SourceReplies, dict[int, dict[str, float]], dict[int, float]]:
+        """(the valid replies, each source's checked train metrics, each source's update norm),
+        every reply checked against `current_arrays`, the model it was sent; refusals and flags
+        are logged for the running aggregation, `round_sizes` holds the sources that trained."""
         # Replies arrive in whatever order the sites finish; float sums are not associative, so
         # the mix is taken in a fixed order (source, node) to make a round reproducible.
         replies = sorted(replies, key=_reply_order)
@@ -284,25 +296,39 @@ class SourceFedAvg(FedAvg):
             update_norm[src] = norm_of[msgs[-1].metadata.src_node_id]
             self.round_sizes[src] = sum(self.size_of(m) for m in msgs)
         self._check_reported_numbers(server_round, valid.messages)
-        arrays = self._mix(server_round, valid)
-        rejected, flagged = self._refusals()
-        summary = self.train_summary(by_source) if arrays is not None else None
-        return TrainRound(arrays, by_source, update_norm, rejected, flagged, summary)
+        return valid, by_source, update_norm
 
     def _mix(self, server_round: int, valid: SourceReplies) -> ArrayRecord | None:
         """The new global model from the valid updates, or None to keep the previous one."""
-        if len(valid) < max(1, self.min_train_replies):
+        if not self.enough_updates(server_round, len(valid)):
+            return None
+        arrays = self.aggregate_updates(server_round, valid)
+        updates = [m.content[K.ARRAYS] for m in valid.messages]
+        return self.server_step(server_round, self.current_arrays, arrays, updates)
+
+    def enough_updates(self, server_round: int, count: int) -> bool:
+        """Whether `count` valid updates make a new model (`min_train_replies`); logs if not."""
+        if count < max(1, self.min_train_replies):
             log.warning(
                 "round %d: %d valid updates (< %d needed): keeping the previous model",
                 server_round,
-                len(valid),
+                count,
                 max(1, self.min_train_replies),
             )
-            return None
-        arrays = self.aggregate_updates(server_round, valid)
-        if arrays is not None and self.server_opt is not None and self.current_arrays is not None:
-            updates = [m.content[K.ARRAYS] for m in valid.messages]
-            arrays = self.server_opt.step(self.current_arrays, arrays, updates)
+            return False
+        return True
+
+    def server_step(
+        self,
+        server_round: int,
+        current: ArrayRecord | None,
+        arrays: ArrayRecord | None,
+        updates: list[ArrayRecord],
+    ) -> ArrayRecord | None:
+        """The server optimiser's step from `current` along `arrays - current`; None (keep the
+        previous model, flagged) when the result holds NaN or Inf."""
+        if arrays is not None and self.server_opt is not None and current is not None:
+            arrays = self.server_opt.step(current, arrays, updates)
         if arrays is not None and not math.isfinite(update_norms([arrays], None)[0]):
             self.flag(
                 server_round, None, "the aggregated model holds NaN or Inf: kept the previous model"
