@@ -314,11 +314,7 @@ def test_only_registered_supernodes_join(tmp_path: Path, monkeypatch) -> None:
     Then a one-round run with `server.site_registry` (studio: good's key, webcam: liar's key):
     the ServerApp sees each node's registered key, so liar, registered for webcam but claiming
     studio, is refused with the reason in metrics.jsonl and studio trains alone."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     certs = tmp_path / "certs"
     make_certs(["--out", str(certs), "--node", "good", "--node", "rogue", "--node", "liar"])
     home = tmp_path / "cli"
@@ -368,10 +364,11 @@ def test_only_registered_supernodes_join(tmp_path: Path, monkeypatch) -> None:
                 cmd += ["--auth-supernode-private-key", str(certs / "nodes" / key)]
             return start(cmd, f"{name}.log")
 
-        good = node("good", "good", port + 1)
-        liar = node("liar", "liar", port + 4)
-        rogue = node("rogue", "rogue", port + 2)
-        keyless = node(None, "keyless", port + 3)
+        # each its own free port: port + k may be any process's (a connection's ephemeral port)
+        good = node("good", "good", _free_port())
+        liar = node("liar", "liar", _free_port())
+        rogue = node("rogue", "rogue", _free_port())
+        keyless = node(None, "keyless", _free_port())
         rogue.wait(timeout=60)
         keyless.wait(timeout=60)
         assert rogue.returncode != 0 and keyless.returncode != 0
